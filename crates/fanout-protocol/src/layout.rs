@@ -1,0 +1,60 @@
+//! The Redis layout of channel history, shared by every publisher (the
+//! `fanout-publisher` crate, the `fanout-publish` CLI, the edge's `/api/publish`) and
+//! documented in `docs/protocol.md` for publishers in other languages.
+//!
+//! For channel `C` (all keys hash-tag `{C}` so that, in Redis Cluster, the script, its
+//! keys and the sharded channel `C` live in one slot):
+//! - `fanout:{C}:meta` — hash: `offset` (last offset given out), `epoch` (random; a new
+//!   one whenever the hash is gone, i.e. history was lost).
+//! - `fanout:{C}:history` — stream of the last N envelopes, entry id `<offset>-0`, field
+//!   `e` = the envelope JSON.
+//!
+//! [`PUBLISH_SCRIPT`] does the whole publish atomically.
+
+/// Key of the offset/epoch hash of `channel`.
+pub fn meta_key(channel: &str) -> String {
+    format!("fanout:{{{channel}}}:meta")
+}
+
+/// Key of the history stream of `channel`.
+pub fn history_key(channel: &str) -> String {
+    format!("fanout:{{{channel}}}:history")
+}
+
+/// Atomic publish. `KEYS[1]` = meta key, `KEYS[2]` = history key. `ARGV[1]` = channel,
+/// `ARGV[2]` = envelope body (from [`Envelope::encode_body`](crate::Envelope::encode_body),
+/// starting with `{`), `ARGV[3]` = history size (0 = keep none), `ARGV[4]` = TTL of
+/// both keys in seconds, `ARGV[5]` = epoch to use if the channel has none, `ARGV[6]` =
+/// `1` to publish with SPUBLISH (Redis Cluster). Returns `{offset, epoch}`.
+pub const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('DEL', KEYS[2])
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+local envelope = '{"offset":' .. offset .. ',"epoch":"' .. epoch .. '",' .. string.sub(ARGV[2], 2)
+local size = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'e', envelope)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+if ARGV[6] == '1' then
+  redis.call('SPUBLISH', ARGV[1], envelope)
+else
+  redis.call('PUBLISH', ARGV[1], envelope)
+end
+return {offset, epoch}
+"#;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_hash_tag_the_channel() {
+        assert_eq!(super::meta_key("user:42"), "fanout:{user:42}:meta");
+        assert_eq!(super::history_key("user:42"), "fanout:{user:42}:history");
+    }
+}
