@@ -1,0 +1,27 @@
+//! # fanout-testkit
+//!
+//! Real parts for tests: [`RedisServer`] starts a `redis-server` process on a free
+//! loopback port in its own temporary directory and kills it on drop (never port 6379);
+//! [`WsClient`] is a WebSocket client (tokio-tungstenite, independent of the server's
+//! fastwebsockets) with assertions that name what they expected.
+//!
+//! ```no_run
+//! # async fn run() {
+//! let redis = fanout_testkit::RedisServer::start().expect("redis-server");
+//! assert_eq!(redis.cli(&["PING"]).unwrap(), "PONG");
+//! # }
+//! ```
+
+mod redis;
+mod ws;
+
+pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
+pub use ws::{Incoming, WsClient};
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
