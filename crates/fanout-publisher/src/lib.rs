@@ -164,6 +164,18 @@ impl Publisher {
             .get(parsed.namespace())
             .copied()
             .unwrap_or(self.default_history);
+        self.publish_with_history(channel, event, data, policy).await
+    }
+
+    /// Publishes with an explicit history policy (the edge passes its namespace's).
+    pub async fn publish_with_history(
+        &self,
+        channel: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        policy: HistoryPolicy,
+    ) -> Result<PublishAck, PublishError> {
+        Channel::parse(channel)?;
         let body = Envelope::encode_body(event, data, fanout_protocol::now_ms());
         let keys = vec![layout::meta_key(channel), layout::history_key(channel)];
         let args: Vec<Value> = vec![

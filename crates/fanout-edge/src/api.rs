@@ -1,0 +1,208 @@
+//! The server API (contract §4): `Authorization: Bearer <admin token>`, JSON in and out.
+//! Errors are `{"error":{"code":…,"message":…}}` with the code's HTTP status. Request
+//! bodies are size-limited.
+
+use std::sync::Arc;
+
+use fanout_protocol::ErrorCode;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::broker::BrokerError;
+use crate::http::{bearer, json, Body};
+use crate::metrics as m;
+use crate::node::Shared;
+
+struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Unavailable(m) => ApiError::new(ErrorCode::Unavailable, m),
+            BrokerError::Invalid(m) => ApiError::new(ErrorCode::BadRequest, m),
+        }
+    }
+}
+
+pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    let endpoint = match (req.method(), req.uri().path()) {
+        (&Method::POST, "/api/publish") => "publish",
+        (&Method::POST, "/api/broadcast") => "broadcast",
+        (&Method::POST, "/api/disconnect") => "disconnect",
+        (&Method::GET, "/api/stats") => "stats",
+        _ => "unknown",
+    };
+    let result = match authorize(&req, &shared) {
+        Err(e) => Err(e),
+        Ok(()) => match endpoint {
+            "publish" => publish(req, &shared).await,
+            "broadcast" => broadcast(req, &shared).await,
+            "disconnect" => disconnect(req, &shared).await,
+            "stats" => Ok(stats(&shared)),
+            _ => Err(ApiError::new(ErrorCode::BadRequest, "no such endpoint or method")),
+        },
+    };
+    let response = match result {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(e) => {
+            let status = if endpoint == "unknown" && e.code == ErrorCode::BadRequest {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            };
+            json(
+                status,
+                &serde_json::json!({"error": {"code": e.code.as_str(), "message": e.message}}),
+            )
+        }
+    };
+    metrics::counter!(m::API_REQUESTS_TOTAL, "endpoint" => endpoint, "status" => response.status().as_str().to_string())
+        .increment(1);
+    response
+}
+
+fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), ApiError> {
+    let Some(expected) = &shared.settings.admin_token else {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "the server API is disabled: set --admin-token / FANOUT_ADMIN_TOKEN",
+        ));
+    };
+    match bearer(req.headers().get(AUTHORIZATION)) {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(ErrorCode::Unauthorized, "wrong admin token")),
+        None => Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "send `Authorization: Bearer <admin token>`",
+        )),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>, shared: &Shared) -> Result<T, ApiError> {
+    let limit = shared.settings.limits.max_api_body;
+    let bytes = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::new(ErrorCode::TooLarge, format!("request body over {limit} bytes"))
+            } else {
+                ApiError::new(ErrorCode::BadRequest, format!("cannot read body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+async fn publish_one(
+    shared: &Shared,
+    channel: &str,
+    event: Option<&str>,
+    data: &RawValue,
+) -> Result<serde_json::Value, ApiError> {
+    let parsed = shared
+        .settings
+        .namespaces
+        .parse(channel)
+        .map_err(|r| ApiError::new(r.code, r.message))?;
+    let history = shared.settings.namespaces.for_channel(&parsed).history;
+    let ack = shared.broker.publish(channel, event, data, history).await?;
+    metrics::counter!(m::PUBLISHES_TOTAL, "source" => "api").increment(1);
+    Ok(serde_json::json!({"offset": ack.offset, "epoch": ack.epoch}))
+}
+
+async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    let b: PublishBody = body(req, shared).await?;
+    publish_one(shared, &b.channel, b.event.as_deref(), &b.data).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    channels: Vec<String>,
+    data: Box<RawValue>,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    let b: BroadcastBody = body(req, shared).await?;
+    if b.channels.is_empty() || b.channels.len() > 1000 {
+        return Err(ApiError::new(ErrorCode::BadRequest, "`channels` must list 1 to 1000 channels"));
+    }
+    // Validate all before publishing any, so a typo does not publish half a broadcast.
+    for c in &b.channels {
+        shared
+            .settings
+            .namespaces
+            .parse(c)
+            .map_err(|r| ApiError::new(r.code, format!("{c}: {}", r.message)))?;
+    }
+    let mut results = Vec::with_capacity(b.channels.len());
+    for c in &b.channels {
+        let mut r = publish_one(shared, c, b.event.as_deref(), &b.data).await?;
+        r["channel"] = c.clone().into();
+        results.push(r);
+    }
+    Ok(serde_json::json!({"results": results}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn disconnect(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    let b: DisconnectBody = body(req, shared).await?;
+    let n = shared.disconnect_user(&b.user);
+    tracing::info!(user = %b.user, reason = b.reason.as_deref().unwrap_or(""), connections = n, "admin disconnect");
+    Ok(serde_json::json!({"disconnected": n, "node": shared.settings.node_id}))
+}
+
+fn stats(shared: &Shared) -> serde_json::Value {
+    serde_json::json!({
+        "node": {
+            "id": shared.settings.node_id,
+            "broker": shared.broker.kind(),
+            "broker_ready": shared.broker.is_ready(),
+            "draining": shared.is_draining(),
+            "uptime_seconds": shared.started.elapsed().as_secs(),
+            "connections": shared.connections(),
+            "users": shared.users(),
+            "channels": shared.hub.channels(),
+            "subscriptions": shared.hub.subscriptions(),
+        }
+    })
+}

@@ -1,0 +1,162 @@
+//! The Redis broker, through `fred`: one subscriber connection per node for
+//! SUBSCRIBE/UNSUBSCRIBE and incoming messages, and one command connection for
+//! publishing (the publish script of `fanout-publisher`). Both reconnect on their own
+//! with capped exponential backoff; after the subscriber reconnects the node subscribes
+//! every wanted channel again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fanout_publisher::{HistoryPolicy, PublishAck, PublishError, Publisher};
+use fred::prelude::*;
+use serde_json::value::RawValue;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Broker, BrokerError, BrokerSink};
+use crate::metrics as m;
+
+pub struct RedisBroker {
+    subscriber: Client,
+    publisher: Publisher,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn builder(url: &str) -> Result<Builder, BrokerError> {
+    let config = Config::from_url(url).map_err(|e| BrokerError::Invalid(e.to_string()))?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_performance_config(|p| {
+            p.default_command_timeout = Duration::from_secs(5);
+            // Messages wait here between the connection task and our reader; a lagging
+            // reader is counted, never silent.
+            p.broadcast_channel_capacity = 1 << 16;
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            c.internal_command_timeout = Duration::from_secs(5);
+            c.max_command_attempts = 1;
+            c.tcp = fred::types::config::TcpConfig {
+                nodelay: Some(true),
+                ..Default::default()
+            };
+        })
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+    Ok(builder)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Connects both clients; fails if Redis cannot be reached at start.
+    pub async fn connect(url: &str, sink: BrokerSink) -> Result<RedisBroker, BrokerError> {
+        let subscriber = builder(url)?.build().map_err(unavailable)?;
+        let command = builder(url)?.build().map_err(unavailable)?;
+        // Listen before connecting so no event is missed.
+        let mut messages = subscriber.message_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        let mut errors = subscriber.error_rx();
+        subscriber.init().await.map_err(unavailable)?;
+        command.init().await.map_err(unavailable)?;
+        metrics::gauge!(m::BROKER_UP).set(1.0);
+
+        let reader_sink = sink.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match messages.recv().await {
+                    Ok(message) => match message.value.as_bytes() {
+                        Some(payload) => reader_sink.deliver(&message.channel, payload),
+                        None => tracing::warn!(channel = %message.channel, "non-bytes pub/sub payload ignored"),
+                    },
+                    Err(RecvError::Lagged(n)) => {
+                        metrics::counter!(m::BROKER_LAGGED_MESSAGES_TOTAL).increment(n);
+                        tracing::error!(skipped = n, "node fell behind its Redis subscriber connection; messages skipped");
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        let events = tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                tokio::select! {
+                    event = reconnects.recv() => match event {
+                        Ok(server) => {
+                            metrics::gauge!(m::BROKER_UP).set(1.0);
+                            if first {
+                                first = false;
+                            } else {
+                                metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
+                            }
+                            tracing::info!(%server, "redis subscriber connected; resubscribing");
+                            sink.reconnected();
+                        }
+                        Err(RecvError::Lagged(_)) => sink.reconnected(),
+                        Err(RecvError::Closed) => break,
+                    },
+                    event = errors.recv() => match event {
+                        Ok((error, server)) => {
+                            metrics::gauge!(m::BROKER_UP).set(0.0);
+                            tracing::warn!(%error, server = ?server.map(|s| s.to_string()), "redis subscriber connection error");
+                        }
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
+        Ok(RedisBroker {
+            subscriber,
+            publisher: Publisher::from_client(command),
+            tasks: vec![reader, events],
+        })
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn is_ready(&self) -> bool {
+        self.subscriber.is_connected() && self.publisher.client().is_connected()
+    }
+
+    async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
+        self.subscriber.subscribe(keys).await.map_err(unavailable)
+    }
+
+    async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
+        self.subscriber.unsubscribe(keys).await.map_err(unavailable)
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        history: HistoryPolicy,
+    ) -> Result<PublishAck, BrokerError> {
+        self.publisher
+            .publish_with_history(channel, event, data, history)
+            .await
+            .map_err(|e| match e {
+                PublishError::Channel(e) => BrokerError::Invalid(e.to_string()),
+                PublishError::Data(e) => BrokerError::Invalid(e.to_string()),
+                other => unavailable(other),
+            })
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.subscriber.quit().await;
+        let _ = self.publisher.client().quit().await;
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Every metric of the edge: names, units and help text declared once here and
+//! described at start; call sites use these constants. Prometheus naming: counters end
+//! in `_total`, durations are `_seconds`.
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "fanout_connections";
+pub const CONNECTIONS_TOTAL: &str = "fanout_connections_total";
+pub const DISCONNECTS_TOTAL: &str = "fanout_disconnects_total";
+pub const AUTH_FAILURES_TOTAL: &str = "fanout_auth_failures_total";
+pub const CLIENT_FRAMES_TOTAL: &str = "fanout_client_frames_total";
+pub const CLIENT_ERRORS_TOTAL: &str = "fanout_client_errors_total";
+pub const SUBSCRIPTIONS: &str = "fanout_subscriptions";
+pub const CHANNELS: &str = "fanout_channels";
+pub const BROKER_MESSAGES_TOTAL: &str = "fanout_broker_messages_total";
+pub const DELIVERIES_TOTAL: &str = "fanout_deliveries_total";
+pub const SLOW_CONSUMER_CLOSES_TOTAL: &str = "fanout_slow_consumer_closes_total";
+pub const BROKER_LAGGED_MESSAGES_TOTAL: &str = "fanout_broker_lagged_messages_total";
+pub const BROKER_RECONNECTS_TOTAL: &str = "fanout_broker_reconnects_total";
+pub const BROKER_ERRORS_TOTAL: &str = "fanout_broker_errors_total";
+pub const BROKER_UP: &str = "fanout_broker_up";
+pub const PUBLISHES_TOTAL: &str = "fanout_publishes_total";
+pub const PUBSUB_LAG_SECONDS: &str = "fanout_pubsub_lag_seconds";
+pub const BROKER_SUBSCRIBE_SECONDS: &str = "fanout_broker_subscribe_seconds";
+pub const API_REQUESTS_TOTAL: &str = "fanout_api_requests_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process (several nodes in one test process
+/// share it) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(PUBSUB_LAG_SECONDS.into()),
+                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(BROKER_SUBSCRIBE_SECONDS.into()),
+                        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+                    )
+                })
+                .expect("bucket lists are not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(CONNECTIONS, Unit::Count, "WebSocket connections open on this node.");
+    describe_counter!(CONNECTIONS_TOTAL, Unit::Count, "WebSocket connections accepted.");
+    describe_counter!(DISCONNECTS_TOTAL, Unit::Count, "Connections ended, by close code (`none` = the peer vanished).");
+    describe_counter!(AUTH_FAILURES_TOTAL, Unit::Count, "Refused tokens, by reason.");
+    describe_counter!(CLIENT_FRAMES_TOTAL, Unit::Count, "Client frames handled, by type.");
+    describe_counter!(CLIENT_ERRORS_TOTAL, Unit::Count, "Error frames sent to clients, by code.");
+    describe_gauge!(SUBSCRIPTIONS, Unit::Count, "Client subscriptions on this node.");
+    describe_gauge!(CHANNELS, Unit::Count, "Channels this node is subscribed to at the broker.");
+    describe_counter!(BROKER_MESSAGES_TOTAL, Unit::Count, "Messages received from the broker.");
+    describe_counter!(DELIVERIES_TOTAL, Unit::Count, "Messages queued to client sockets.");
+    describe_counter!(SLOW_CONSUMER_CLOSES_TOTAL, Unit::Count, "Connections closed with 4009 because their queue was full.");
+    describe_counter!(BROKER_LAGGED_MESSAGES_TOTAL, Unit::Count, "Broker messages skipped because the node fell behind its subscriber connection.");
+    describe_counter!(BROKER_RECONNECTS_TOTAL, Unit::Count, "Reconnections to the broker (Redis).");
+    describe_counter!(BROKER_ERRORS_TOTAL, Unit::Count, "Broker command failures, by operation.");
+    describe_gauge!(BROKER_UP, Unit::Count, "1 while the broker is connected.");
+    describe_counter!(PUBLISHES_TOTAL, Unit::Count, "Publishes made through this node, by source (api, client).");
+    describe_histogram!(PUBSUB_LAG_SECONDS, Unit::Seconds, "Time from publish (`ts`) to dispatch on this node.");
+    describe_histogram!(BROKER_SUBSCRIBE_SECONDS, Unit::Seconds, "Time to subscribe a batch of channels at the broker.");
+    describe_counter!(API_REQUESTS_TOTAL, Unit::Count, "Server API requests, by endpoint and status.");
+}

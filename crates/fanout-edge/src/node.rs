@@ -1,0 +1,235 @@
+//! The node owns everything: settings, hub, broker, subscriptions, the session registry
+//! and the shutdown token that every task's token descends from. [`Node::start`] binds
+//! the listener, connects the broker and runs the accept loop.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fanout_protocol::CloseCode;
+use metrics_exporter_prometheus::PrometheusHandle;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, BrokerError, BrokerSink};
+use crate::config::{BrokerSettings, Settings};
+use crate::hub::{Control, Hub, SessionId};
+use crate::metrics as m;
+use crate::subscriptions::{self, Subscriptions};
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr}: {error}")]
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("cannot connect the broker: {0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// State shared by every task of the node.
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub subscriptions: Subscriptions,
+    pub shutdown: CancellationToken,
+    pub metrics: PrometheusHandle,
+    pub started: Instant,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+    connections: AtomicUsize,
+    users: Mutex<HashMap<String, Vec<(SessionId, Arc<Control>)>>>,
+}
+
+impl Shared {
+    pub(crate) fn next_session_id(&self) -> SessionId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn register(&self, id: SessionId, user: &str, control: Arc<Control>) {
+        let mut users = self.users.lock().expect("users lock");
+        users.entry(user.to_string()).or_default().push((id, control));
+    }
+
+    pub(crate) fn unregister(&self, id: SessionId, user: &str) {
+        let mut users = self.users.lock().expect("users lock");
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Closes every connection of `user` on this node with 4010; returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let users = self.users.lock().expect("users lock");
+        let Some(list) = users.get(user) else {
+            return 0;
+        };
+        for (_, control) in list {
+            control.close(CloseCode::DisconnectedByAdmin);
+        }
+        list.len()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Authenticated users with at least one connection.
+    pub fn users(&self) -> usize {
+        self.users.lock().expect("users lock").len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection in; `None` when the node is full.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<ConnectionGuard> {
+        let n = self.connections.fetch_add(1, Ordering::AcqRel);
+        let guard = ConnectionGuard(self.clone());
+        metrics::gauge!(m::CONNECTIONS).set((n + 1) as f64);
+        (n < self.settings.limits.max_connections).then_some(guard)
+    }
+}
+
+/// Decrements the connection count when dropped.
+pub(crate) struct ConnectionGuard(Arc<Shared>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let n = self.0.connections.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!(m::CONNECTIONS).set(n as f64);
+    }
+}
+
+/// A running node.
+pub struct Node {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: JoinHandle<()>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Node {
+    /// Binds, connects the broker and starts serving.
+    pub async fn start(settings: Settings) -> Result<Node, NodeError> {
+        let settings = Arc::new(settings);
+        let metrics = m::install();
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|error| NodeError::Bind {
+                addr: settings.listen,
+                error,
+            })?;
+        let addr = listener.local_addr().map_err(|error| NodeError::Bind {
+            addr: settings.listen,
+            error,
+        })?;
+        let hub = Arc::new(Hub::default());
+        let (subscriptions, commands) = Subscriptions::channel();
+        let sink = BrokerSink::new(hub.clone(), subscriptions.clone());
+        let broker: Arc<dyn Broker> = match &settings.broker {
+            BrokerSettings::Memory => Arc::new(MemoryBroker::new(sink)),
+            BrokerSettings::Redis { url } => Arc::new(RedisBroker::connect(url, sink).await?),
+        };
+        let tracker = tokio_util::task::TaskTracker::new();
+        tracker.spawn(subscriptions::run(broker.clone(), commands));
+        let shutdown = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            settings: settings.clone(),
+            hub,
+            broker,
+            subscriptions,
+            shutdown: shutdown.clone(),
+            metrics,
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            users: Mutex::new(HashMap::new()),
+        });
+        let upkeep = shared.metrics.clone();
+        let upkeep_stop = shutdown.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = upkeep_stop.cancelled() => return,
+                    _ = tick.tick() => upkeep.run_upkeep(),
+                }
+            }
+        });
+        let accept = tokio::spawn(crate::http::accept_loop(
+            listener,
+            shared.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!(
+            node = %settings.node_id,
+            %addr,
+            broker = shared.broker.kind(),
+            "fanout edge listening"
+        );
+        Ok(Node {
+            shared,
+            addr,
+            accept,
+            tracker,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `ws://<addr>/ws`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// `http://<addr>`
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Stops accepting, closes every connection with 1001 (reconnect elsewhere),
+    /// disconnects the broker and waits for every task.
+    pub async fn shutdown(self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.accept.abort();
+        let _ = self.accept.await;
+        {
+            let users = self.shared.users.lock().expect("users lock");
+            for list in users.values() {
+                for (_, control) in list {
+                    control.close(CloseCode::GoingAway);
+                }
+            }
+        }
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        self.shared.broker.shutdown().await;
+        tracing::info!(node = %self.shared.settings.node_id, "fanout edge stopped");
+    }
+}

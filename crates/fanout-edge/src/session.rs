@@ -1,0 +1,608 @@
+//! One WebSocket connection's state machine. The reader half decodes client frames,
+//! enforces size and rate limits, authenticates and handles subscribe / unsubscribe /
+//! publish / ping / refresh. The writer half drains the connection's bounded outbox and
+//! writes frames in bursts (one flush per burst), sends server pings, and sends the
+//! close frame when the connection is closed from anywhere. The session never blocks
+//! the hub: the hub only ever pushes into its outbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanout_protocol::{
+    ClientFrame, CloseCode, Codec, DecodedFrame, ErrorCode, FrameId, ServerFrame, SubscribedInfo,
+};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::value::RawValue;
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use crate::auth::{AuthError, Principal};
+use crate::hub::{Control, Outbox, SessionId, Subscriber};
+use crate::metrics as m;
+use crate::node::Shared;
+use crate::rules::Grant;
+
+/// Frames written before the writer flushes, at most.
+const BURST: usize = 64;
+
+/// What the HTTP layer learned before the upgrade.
+pub(crate) struct Handshake {
+    pub codec: Codec,
+    /// Token from the `Authorization` header or `?token=`.
+    pub token: Option<String>,
+    /// A reason to close right after the upgrade (Origin, node full).
+    pub refuse: Option<CloseCode>,
+}
+
+/// Runs a connection to its end.
+pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: Handshake) {
+    let (read, write) = tokio::io::split(io);
+    let (mut reader, writer) =
+        fastwebsockets::after_handshake_split(read, BufWriter::with_capacity(4096, write), Role::Server);
+    // Control frames are handled here, so that the writer half stays the only writer.
+    reader.set_auto_close(false);
+    reader.set_auto_pong(false);
+    // fastwebsockets refuses frames of `max` bytes or more: allow exactly the limit.
+    reader.set_max_message_size(shared.settings.limits.max_message_size + 1);
+
+    let id = shared.next_session_id();
+    let control = Arc::new(Control::new(shared.shutdown.child_token()));
+    let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue_messages, control.clone());
+    let (pongs_tx, pongs_rx) = mpsc::channel::<Bytes>(4);
+    let writer_task = tokio::spawn(write_loop(
+        writer,
+        outbox_rx,
+        pongs_rx,
+        control.clone(),
+        handshake.codec,
+        shared.settings.limits.ping_interval(),
+    ));
+
+    metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+    let mut session = Session {
+        id,
+        client: format!("{:016x}", rand::random::<u64>()),
+        shared: shared.clone(),
+        codec: handshake.codec,
+        outbox,
+        control: control.clone(),
+        principal: None,
+        channels: HashMap::new(),
+        bucket: TokenBucket::new(
+            shared.settings.limits.messages_per_second,
+            shared.settings.limits.message_burst,
+        ),
+        strikes: 0,
+    };
+    if let Some(code) = handshake.refuse {
+        control.close(code);
+    } else if let Some(token) = handshake.token {
+        session.authenticate(&token, None);
+    }
+    session.read_loop(&mut reader, pongs_tx).await;
+    session.cleanup();
+    let _ = writer_task.await;
+    let code = control
+        .close_frame()
+        .map(|(c, _)| c.to_string())
+        .unwrap_or_else(|| "none".into());
+    metrics::counter!(m::DISCONNECTS_TOTAL, "code" => code.clone()).increment(1);
+    tracing::debug!(session = id, %code, "connection closed");
+}
+
+struct Session {
+    id: SessionId,
+    client: String,
+    shared: Arc<Shared>,
+    codec: Codec,
+    outbox: Outbox,
+    control: Arc<Control>,
+    principal: Option<Principal>,
+    channels: HashMap<Arc<str>, ()>,
+    bucket: TokenBucket,
+    strikes: u32,
+}
+
+enum Read {
+    Message(Vec<u8>, bool),
+    Ping(Vec<u8>),
+    Close(u16),
+    Nothing,
+}
+
+impl Session {
+    async fn read_loop<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut fastwebsockets::WebSocketRead<R>,
+        pongs: mpsc::Sender<Bytes>,
+    ) {
+        let limits = &self.shared.settings.limits;
+        let auth_deadline = Instant::now() + limits.auth_timeout();
+        // A client silent for two ping intervals (it answers our pings) is gone.
+        let idle = limits.ping_interval() * 2 + Duration::from_secs(5);
+        let max = limits.max_message_size;
+        let mut fragments: Option<(Vec<u8>, bool)> = None;
+        // Auto-close and auto-pong are off, so the reader never has frames to send.
+        let mut no_send = |_| std::future::ready(Ok::<(), std::io::Error>(()));
+        loop {
+            let expiry = self.expiry_deadline();
+            let authed = self.principal.is_some();
+            let frame = tokio::select! {
+                biased;
+                _ = self.control.cancelled() => return,
+                _ = sleep_until(auth_deadline), if !authed => {
+                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
+                    self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
+                    return;
+                }
+                _ = sleep_until(expiry), if authed => {
+                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
+                    self.control.close(CloseCode::TokenExpired);
+                    return;
+                }
+                r = tokio::time::timeout(idle, reader.read_frame(&mut no_send)) => r,
+            };
+            let read = match frame {
+                Err(_) => {
+                    tracing::debug!(session = self.id, "client silent for too long; dropping");
+                    self.control.abort();
+                    return;
+                }
+                Ok(Err(WebSocketError::FrameTooLarge)) => {
+                    self.control.close(CloseCode::TooBig);
+                    return;
+                }
+                Ok(Err(WebSocketError::UnexpectedEOF)) | Ok(Err(WebSocketError::IoError(_))) => {
+                    self.control.abort();
+                    return;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(session = self.id, %error, "protocol error");
+                    self.control.close(CloseCode::ProtocolError);
+                    return;
+                }
+                Ok(Ok(frame)) => match frame.opcode {
+                    OpCode::Text | OpCode::Binary => {
+                        let binary = frame.opcode == OpCode::Binary;
+                        if fragments.is_some() {
+                            self.control.close(CloseCode::ProtocolError);
+                            return;
+                        }
+                        if frame.fin {
+                            Read::Message(frame.payload.to_vec(), binary)
+                        } else {
+                            fragments = Some((frame.payload.to_vec(), binary));
+                            Read::Nothing
+                        }
+                    }
+                    OpCode::Continuation => {
+                        let Some((buf, _)) = fragments.as_mut() else {
+                            self.control.close(CloseCode::ProtocolError);
+                            return;
+                        };
+                        if buf.len() + frame.payload.len() > max {
+                            self.control.close(CloseCode::TooBig);
+                            return;
+                        }
+                        buf.extend_from_slice(&frame.payload);
+                        if frame.fin {
+                            let (buf, binary) = fragments.take().expect("checked above");
+                            Read::Message(buf, binary)
+                        } else {
+                            Read::Nothing
+                        }
+                    }
+                    OpCode::Ping => Read::Ping(frame.payload.to_vec()),
+                    OpCode::Pong => Read::Nothing,
+                    OpCode::Close => {
+                        let code = match frame.payload.len() {
+                            0 => 1000,
+                            n if n >= 2 => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
+                            _ => 1002,
+                        };
+                        Read::Close(code)
+                    }
+                },
+            };
+            match read {
+                Read::Nothing => {}
+                Read::Ping(payload) => {
+                    let _ = pongs.try_send(Bytes::from(payload));
+                }
+                Read::Close(code) => {
+                    // Echo the client's close and end.
+                    self.control.close_raw(if code == 1005 { 1000 } else { code }, String::new());
+                    return;
+                }
+                Read::Message(bytes, binary) => {
+                    if bytes.len() > max {
+                        self.control.close(CloseCode::TooBig);
+                        return;
+                    }
+                    self.on_message(&bytes, binary).await;
+                    if self.control.is_cancelled() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn expiry_deadline(&self) -> Instant {
+        let Some(p) = &self.principal else {
+            return Instant::now() + Duration::from_secs(3600);
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        Instant::now() + Duration::from_secs(p.exp.saturating_sub(now))
+    }
+
+    async fn on_message(&mut self, bytes: &[u8], binary: bool) {
+        if !self.bucket.take() {
+            self.strikes += 1;
+            if self.strikes > self.shared.settings.limits.rate_limit_strikes {
+                tracing::info!(session = self.id, "client kept flooding; closing with 4008");
+                self.control.close(CloseCode::RateLimited);
+            } else {
+                self.error(None, ErrorCode::RateLimited, "too many frames; slow down");
+            }
+            return;
+        }
+        let codec = if binary { Codec::MsgPack } else { Codec::Json };
+        let DecodedFrame { id, frame } = match codec.decode_client(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                self.error(e.id.as_ref(), ErrorCode::BadRequest, &e.message);
+                return;
+            }
+        };
+        metrics::counter!(m::CLIENT_FRAMES_TOTAL, "type" => frame.kind()).increment(1);
+        let id = id.as_ref();
+        if self.principal.is_none() {
+            match frame {
+                ClientFrame::Auth { token } => self.authenticate(&token, id),
+                _ => {
+                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "missing").increment(1);
+                    self.control.close_raw(
+                        CloseCode::Unauthorized.code(),
+                        "authenticate first: send {\"type\":\"auth\",\"token\":…}".into(),
+                    );
+                }
+            }
+            return;
+        }
+        match frame {
+            ClientFrame::Auth { .. } => {
+                self.error(id, ErrorCode::BadRequest, "already authenticated; use `refresh` to replace the token")
+            }
+            ClientFrame::Subscribe {
+                channel,
+                token,
+                since,
+                last: _,
+            } => self.subscribe(id, &channel, token.as_deref(), since.is_some()).await,
+            ClientFrame::Unsubscribe { channel } => self.unsubscribe(id, &channel),
+            ClientFrame::Publish {
+                channel,
+                data,
+                event,
+            } => self.publish(id, &channel, &data, event.as_deref()).await,
+            ClientFrame::Ping => self.send(&ServerFrame::Pong { id }),
+            ClientFrame::Refresh { token } => self.refresh(id, &token),
+            ClientFrame::Presence { channel } => {
+                let message = match self.shared.settings.namespaces.parse(&channel) {
+                    Ok(c) => format!(
+                        "presence is not enabled for namespace `{}`",
+                        c.namespace()
+                    ),
+                    Err(r) => r.message,
+                };
+                self.error(id, ErrorCode::Forbidden, &message)
+            }
+        }
+    }
+
+    /// Verifies a connection token; on success sends `connected`, else closes with
+    /// 4001 / 4004.
+    fn authenticate(&mut self, token: &str, _id: Option<&FrameId>) {
+        match self.shared.settings.auth.verify_connection(token) {
+            Ok(principal) => {
+                tracing::debug!(session = self.id, user = %principal.user, "authenticated");
+                self.shared.register(self.id, &principal.user, self.control.clone());
+                self.principal = Some(principal);
+                let p = self.principal.as_ref().expect("just set");
+                let frame = ServerFrame::Connected {
+                    client: &self.client,
+                    node: &self.shared.settings.node_id,
+                    user: &p.user,
+                    ping_interval: self.shared.settings.limits.ping_interval_secs,
+                };
+                self.push(self.codec.encode(&frame));
+            }
+            Err(error) => self.refuse_token(&error),
+        }
+    }
+
+    fn refuse_token(&self, error: &AuthError) {
+        metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => error.label()).increment(1);
+        tracing::info!(session = self.id, reason = error.label(), "connection token refused");
+        self.control
+            .close_raw(error.close_code().code(), error.to_string());
+    }
+
+    async fn subscribe(&mut self, id: Option<&FrameId>, name: &str, token: Option<&str>, since: bool) {
+        let shared = self.shared.clone();
+        let principal = self.principal.as_ref().expect("authenticated");
+        let channel = match shared.settings.namespaces.parse(name) {
+            Ok(c) => c,
+            Err(r) => return self.error(id, r.code, &r.message),
+        };
+        if self.channels.contains_key(name) {
+            return self.error(id, ErrorCode::BadRequest, &format!("already subscribed to {name}"));
+        }
+        if self.channels.len() >= shared.settings.limits.max_subscriptions {
+            return self.error(
+                id,
+                ErrorCode::LimitExceeded,
+                &format!(
+                    "at most {} subscriptions per connection",
+                    shared.settings.limits.max_subscriptions
+                ),
+            );
+        }
+        let grant = match token {
+            None => Grant::None,
+            Some(t) => match shared.settings.auth.verify_subscription(t, principal, name) {
+                Ok(()) => Grant::SubscriptionToken,
+                Err(e) => {
+                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => e.label()).increment(1);
+                    return self.error(id, e.error_code(), &format!("subscription token refused: {e}"));
+                }
+            },
+        };
+        if let Err(r) = shared.settings.namespaces.check_subscribe(principal, &channel, grant) {
+            return self.error(id, r.code, &r.message);
+        }
+        if !shared.broker.is_ready() {
+            return self.error(id, ErrorCode::Unavailable, "the broker is unavailable; retry shortly");
+        }
+        let channel: Arc<str> = Arc::from(name);
+        if let Err(e) = shared.subscriptions.acquire(channel.clone()).await {
+            return self.error(id, ErrorCode::Unavailable, &e.to_string());
+        }
+        // `subscribed` goes into the queue before the session joins the hub, so that it
+        // precedes every message of the channel.
+        let info = SubscribedInfo {
+            offset: None,
+            epoch: None,
+            // History recovery is not offered by this node yet: a client that asked to
+            // recover is told it must reload.
+            recovered: since.then_some(false),
+        };
+        self.send(&ServerFrame::Subscribed {
+            id,
+            channel: name,
+            info,
+        });
+        shared.hub.add(
+            channel.clone(),
+            Subscriber {
+                id: self.id,
+                codec: self.codec,
+                outbox: self.outbox.clone(),
+            },
+        );
+        self.channels.insert(channel, ());
+    }
+
+    fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
+        match self.channels.remove_entry(name) {
+            None => self.error(id, ErrorCode::BadRequest, &format!("not subscribed to {name}")),
+            Some((channel, ())) => {
+                self.shared.hub.remove(&channel, self.id);
+                self.shared.subscriptions.release(channel);
+                self.send(&ServerFrame::Unsubscribed {
+                    id,
+                    channel: name,
+                    reason: "client",
+                });
+            }
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        id: Option<&FrameId>,
+        name: &str,
+        data: &serde_json::Value,
+        event: Option<&str>,
+    ) {
+        let shared = self.shared.clone();
+        let principal = self.principal.as_ref().expect("authenticated");
+        let channel = match shared.settings.namespaces.parse(name) {
+            Ok(c) => c,
+            Err(r) => return self.error(id, r.code, &r.message),
+        };
+        if let Err(r) =
+            shared
+                .settings
+                .namespaces
+                .check_publish(principal, &channel, self.channels.contains_key(name))
+        {
+            return self.error(id, r.code, &r.message);
+        }
+        let history = shared.settings.namespaces.for_channel(&channel).history;
+        let raw: Box<RawValue> = serde_json::value::to_raw_value(data).expect("a Value serializes");
+        match shared.broker.publish(name, event, &raw, history).await {
+            Ok(ack) => {
+                metrics::counter!(m::PUBLISHES_TOTAL, "source" => "client").increment(1);
+                let mut extra = serde_json::Map::new();
+                extra.insert("offset".into(), ack.offset.into());
+                extra.insert("epoch".into(), ack.epoch.into());
+                self.send(&ServerFrame::Reply {
+                    id,
+                    extra: Some(&extra),
+                });
+            }
+            Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+        }
+    }
+
+    fn refresh(&mut self, id: Option<&FrameId>, token: &str) {
+        match self.shared.settings.auth.verify_connection(token) {
+            Ok(p) if Some(&p.user) != self.principal.as_ref().map(|q| &q.user) => {
+                self.error(id, ErrorCode::Forbidden, "the new token is for another user")
+            }
+            Ok(p) => {
+                self.principal = Some(p);
+                self.send(&ServerFrame::Reply { id, extra: None });
+            }
+            Err(e) => {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => e.label()).increment(1);
+                self.error(id, ErrorCode::Unauthorized, &format!("refresh token refused: {e}"))
+            }
+        }
+    }
+
+    fn send(&self, frame: &ServerFrame<'_>) {
+        self.push(self.codec.encode(frame));
+    }
+
+    fn push(&self, bytes: Bytes) {
+        self.outbox.push(bytes);
+    }
+
+    fn error(&self, id: Option<&FrameId>, code: ErrorCode, message: &str) {
+        metrics::counter!(m::CLIENT_ERRORS_TOTAL, "code" => code.as_str()).increment(1);
+        self.send(&ServerFrame::Error { id, code, message });
+    }
+
+    fn cleanup(&mut self) {
+        for (channel, ()) in self.channels.drain() {
+            self.shared.hub.remove(&channel, self.id);
+            self.shared.subscriptions.release(channel);
+        }
+        if let Some(p) = &self.principal {
+            self.shared.unregister(self.id, &p.user);
+        }
+        // Make sure the writer ends even if the reader ended on its own.
+        self.control.abort();
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut ws: fastwebsockets::WebSocketWrite<BufWriter<W>>,
+    mut outbox: mpsc::Receiver<Bytes>,
+    mut pongs: mpsc::Receiver<Bytes>,
+    control: Arc<Control>,
+    codec: Codec,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    loop {
+        let result: Result<(), WebSocketError> = tokio::select! {
+            biased;
+            _ = control.cancelled() => {
+                if let Some((code, reason)) = control.close_frame() {
+                    let _ = ws.write_frame(Frame::close(*code, reason.as_bytes())).await;
+                    let _ = ws.flush().await;
+                }
+                return;
+            }
+            Some(payload) = pongs.recv() => {
+                match ws.write_frame(Frame::pong(Payload::Borrowed(&payload))).await {
+                    Ok(()) => ws.flush().await,
+                    Err(e) => Err(e),
+                }
+            }
+            _ = ping.tick() => {
+                match ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await {
+                    Ok(()) => ws.flush().await,
+                    Err(e) => Err(e),
+                }
+            }
+            frame = outbox.recv() => {
+                let Some(first) = frame else { return };
+                write_burst(&mut ws, &mut outbox, first, codec).await
+            }
+        };
+        if result.is_err() {
+            control.abort();
+            return;
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued (up to [`BURST`]), then flushes
+/// once.
+async fn write_burst<W: AsyncWrite + Unpin>(
+    ws: &mut fastwebsockets::WebSocketWrite<BufWriter<W>>,
+    outbox: &mut mpsc::Receiver<Bytes>,
+    first: Bytes,
+    codec: Codec,
+) -> Result<(), WebSocketError> {
+    ws.write_frame(data_frame(codec, &first)).await?;
+    for _ in 1..BURST {
+        match outbox.try_recv() {
+            Ok(next) => ws.write_frame(data_frame(codec, &next)).await?,
+            Err(_) => break,
+        }
+    }
+    ws.flush().await
+}
+
+fn data_frame(codec: Codec, bytes: &Bytes) -> Frame<'_> {
+    let payload = Payload::Borrowed(&bytes[..]);
+    if codec.is_binary() {
+        Frame::binary(payload)
+    } else {
+        Frame::text(payload)
+    }
+}
+
+/// Client frames per second with a burst allowance.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> TokenBucket {
+        TokenBucket {
+            rate: rate as f64,
+            burst: burst as f64,
+            tokens: burst as f64,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenBucket;
+
+    #[test]
+    fn bucket_allows_burst_then_refuses() {
+        let mut b = TokenBucket::new(1, 3);
+        assert!(b.take() && b.take() && b.take());
+        assert!(!b.take());
+    }
+}
