@@ -145,8 +145,8 @@ impl Node {
             BrokerSettings::Redis { url } => Arc::new(RedisBroker::connect(url, sink).await?),
         };
         let tracker = tokio_util::task::TaskTracker::new();
-        tracker.spawn(subscriptions::run(broker.clone(), commands));
         let shutdown = CancellationToken::new();
+        tracker.spawn(subscriptions::run(broker.clone(), commands, shutdown.clone()));
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             hub,

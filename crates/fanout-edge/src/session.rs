@@ -30,6 +30,9 @@ use crate::rules::Grant;
 /// Frames written before the writer flushes, at most.
 const BURST: usize = 64;
 
+/// How long a closing connection may take to accept its last frames and the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// What the HTTP layer learned before the upgrade.
 pub(crate) struct Handshake {
     pub codec: Codec,
@@ -508,8 +511,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             biased;
             _ = control.cancelled() => {
                 if let Some((code, reason)) = control.close_frame() {
-                    let _ = ws.write_frame(Frame::close(*code, reason.as_bytes())).await;
-                    let _ = ws.flush().await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                        // What is already queued (replies, messages) goes out before the
+                        // close frame; not for a slow consumer, whose queue is the problem.
+                        if *code != CloseCode::SlowConsumer.code() {
+                            while let Ok(next) = outbox.try_recv() {
+                                ws.write_frame(data_frame(codec, &next)).await?;
+                            }
+                        }
+                        ws.write_frame(Frame::close(*code, reason.as_bytes())).await?;
+                        ws.flush().await
+                    })
+                    .await;
                 }
                 return;
             }
@@ -527,7 +540,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             frame = outbox.recv() => {
                 let Some(first) = frame else { return };
-                write_burst(&mut ws, &mut outbox, first, codec).await
+                let burst = write_burst(&mut ws, &mut outbox, first, codec);
+                tokio::pin!(burst);
+                tokio::select! {
+                    r = &mut burst => r,
+                    _ = control.cancelled() => {
+                        // Closed while a write is stuck on a client that does not read:
+                        // give it a grace period to take the rest of the burst (then the
+                        // loop sends the close frame), else drop the connection.
+                        match tokio::time::timeout(CLOSE_GRACE, &mut burst).await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                }
             }
         };
         if result.is_err() {

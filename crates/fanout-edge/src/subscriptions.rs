@@ -57,12 +57,23 @@ impl Subscriptions {
     }
 }
 
-/// The task: runs until every handle is dropped.
-pub(crate) async fn run(broker: Arc<dyn Broker>, mut rx: mpsc::UnboundedReceiver<Command>) {
+/// The task: runs until `stop` is cancelled or every handle is dropped.
+pub(crate) async fn run(
+    broker: Arc<dyn Broker>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut refs: HashMap<Arc<str>, usize> = HashMap::new();
     let mut subscribed: HashSet<Arc<str>> = HashSet::new();
     let mut commands = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut commands, BATCH).await > 0 {
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            n = rx.recv_many(&mut commands, BATCH) => n,
+        };
+        if received == 0 {
+            return;
+        }
         let mut waiting: Vec<(Arc<str>, oneshot::Sender<Result<(), BrokerError>>)> = Vec::new();
         let mut touched: Vec<Arc<str>> = Vec::new();
         let mut resubscribe = false;

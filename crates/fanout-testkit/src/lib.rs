@@ -12,9 +12,11 @@
 //! # }
 //! ```
 
+mod http;
 mod redis;
 mod ws;
 
+pub use http::http;
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
 pub use ws::{Incoming, WsClient};
 

@@ -1,0 +1,350 @@
+//! The client protocol against a real node: authentication, refusals with their exact
+//! error and close codes, malformed input, limits. Delivery tests run against both the
+//! embedded broker and a real redis-server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fanout_testkit::{Incoming, WsClient};
+use serde_json::json;
+
+#[tokio::test]
+async fn token_in_header_query_or_first_frame() {
+    let node = start(None, &[]).await;
+    let t = token("42", &[]);
+    // Header
+    let mut c = WsClient::connect_with(&node.ws_url(), &[("Authorization", &format!("Bearer {t}"))])
+        .await
+        .unwrap();
+    let hello = c.recv_type("connected").await;
+    assert_eq!(hello["user"], "42");
+    assert_eq!(hello["ping_interval"], 25);
+    assert!(hello["client"].as_str().unwrap().len() >= 8);
+    // Query
+    let mut c = connect(&node, &t).await;
+    c.send(json!({"type":"ping","id":5})).await;
+    assert_eq!(c.recv().await, json!({"type":"pong","id":5}));
+    // First frame
+    let mut c = WsClient::connect(&node.ws_url()).await.unwrap();
+    c.send(json!({"type":"auth","token":t})).await;
+    assert_eq!(c.recv_type("connected").await["user"], "42");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn user_channel_of_another_user_is_forbidden() {
+    let node = start(None, &[]).await;
+    let mut c = connect(&node, &token("42", &[])).await;
+    let r = c.subscribe(1, "user:43").await;
+    assert_eq!(r["type"], "error");
+    assert_eq!(r["code"], "forbidden");
+    assert_eq!(r["id"], 1);
+    let r = c.subscribe(2, "user:42").await;
+    assert_eq!(r, json!({"type":"subscribed","id":2,"channel":"user:42"}));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn job_progress_needs_claim_or_subscription_token() {
+    let node = start(None, &[]).await;
+    let mut c = connect(&node, &token("42", &[])).await;
+    let r = c.subscribe(1, "job_progress:7").await;
+    assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("forbidden")));
+    // A subscription token for this user and channel.
+    let sub = token_with(json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}));
+    c.send(json!({"type":"subscribe","id":2,"channel":"job_progress:7","token":sub})).await;
+    assert_eq!(c.recv_type("subscribed").await["id"], 2);
+    // A subscription token for somebody else.
+    let other = token_with(json!({"sub":"43","exp":now()+60,"channel":"job_progress:8"}));
+    c.send(json!({"type":"subscribe","id":3,"channel":"job_progress:8","token":other})).await;
+    let r = c.recv_type("error").await;
+    assert_eq!((r["id"].as_u64(), r["code"].as_str()), (Some(3), Some("forbidden")));
+    // A forged subscription token.
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub":"42","exp":now()+60,"channel":"job_progress:9"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret-not-the-secret"),
+    )
+    .unwrap();
+    c.send(json!({"type":"subscribe","id":4,"channel":"job_progress:9","token":forged})).await;
+    assert_eq!(c.recv_type("error").await["code"], "unauthorized");
+    // The claim.
+    let mut c = connect(&node, &token("42", &["job_progress:*"])).await;
+    assert_eq!(c.subscribe(1, "job_progress:7").await["type"], "subscribed");
+    // Unknown namespace, not in the claim.
+    assert_eq!(c.subscribe(2, "chat:1").await["code"], "forbidden");
+    node.shutdown().await;
+}
+
+async fn close_code_for(url: &str) -> Option<u16> {
+    let mut c = WsClient::connect(url).await.unwrap();
+    match c.next().await {
+        Incoming::Closed { code, .. } => code,
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_close_with_4001_and_expired_with_4004() {
+    let node = start(None, &["--jwt-audience", "fanout", "--jwt-public-key", RSA_PUBLIC]).await;
+    let ws = node.ws_url();
+    let good = token_with(json!({"sub":"1","exp":now()+60,"aud":"fanout"}));
+    let mut c = WsClient::connect(&format!("{ws}?token={good}")).await.unwrap();
+    c.recv_type("connected").await;
+    // RS256 token verified by the PEM key.
+    let rs = rs256_token(json!({"sub":"1","exp":now()+60,"aud":"fanout"}));
+    let mut c = WsClient::connect(&format!("{ws}?token={rs}")).await.unwrap();
+    c.recv_type("connected").await;
+
+    let bad_sig = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub":"1","exp":now()+60,"aud":"fanout"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"wrong-secret-wrong-secret-wrong"),
+    )
+    .unwrap();
+    assert_eq!(close_code_for(&format!("{ws}?token={bad_sig}")).await, Some(4001));
+    let wrong_aud = token_with(json!({"sub":"1","exp":now()+60,"aud":"other"}));
+    assert_eq!(close_code_for(&format!("{ws}?token={wrong_aud}")).await, Some(4001));
+    let expired = token_with(json!({"sub":"1","exp":now()-3600,"aud":"fanout"}));
+    assert_eq!(close_code_for(&format!("{ws}?token={expired}")).await, Some(4004));
+    assert_eq!(close_code_for(&format!("{ws}?token=not-a-jwt")).await, Some(4001));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn alg_is_pinned_hs256_token_against_rs256_key_is_refused() {
+    // Only an RSA key is configured: an HS256 token (even one "signed" with the public
+    // key's bytes, the classic confusion attack) must be refused.
+    let node = start_args(&[
+        "fanout-edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-public-key",
+        RSA_PUBLIC,
+        "--admin-token",
+        ADMIN,
+    ])
+    .await;
+    let pem = std::fs::read(RSA_PUBLIC).unwrap();
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub":"1","exp":now()+60}),
+        &jsonwebtoken::EncodingKey::from_secret(&pem),
+    )
+    .unwrap();
+    assert_eq!(
+        close_code_for(&format!("{}?token={confused}", node.ws_url())).await,
+        Some(4001)
+    );
+    let rs = rs256_token(json!({"sub":"1","exp":now()+60}));
+    let mut c = WsClient::connect(&format!("{}?token={rs}", node.ws_url())).await.unwrap();
+    c.recv_type("connected").await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_bad_request_and_the_connection_stays_usable() {
+    let node = start(None, &[]).await;
+    let mut c = connect(&node, &token("1", &[])).await;
+    c.send_text("{not json").await;
+    let r = c.recv_type("error").await;
+    assert_eq!(r["code"], "bad_request");
+    assert!(r["message"].as_str().unwrap().contains("malformed JSON"));
+    c.send(json!({"type":"explode","id":9})).await;
+    let r = c.recv_type("error").await;
+    assert_eq!((r["code"].as_str(), r["id"].as_u64()), (Some("bad_request"), Some(9)));
+    assert_eq!(r["message"], "unknown type `explode`");
+    c.send(json!({"type":"subscribe","id":10})).await;
+    let r = c.recv_type("error").await;
+    assert_eq!((r["code"].as_str(), r["id"].as_u64()), (Some("bad_request"), Some(10)));
+    assert!(r["message"].as_str().unwrap().contains("missing field `channel`"));
+    c.send(json!({"type":"subscribe","id":11,"channel":"no-namespace"})).await;
+    assert_eq!(c.recv_type("error").await["code"], "bad_request");
+    c.send(json!({"type":"unsubscribe","id":12,"channel":"user:1"})).await;
+    assert_eq!(c.recv_type("error").await["code"], "bad_request");
+    // Still usable.
+    c.send(json!({"type":"ping","id":13})).await;
+    assert_eq!(c.recv().await, json!({"type":"pong","id":13}));
+    assert_eq!(c.subscribe(14, "user:1").await["type"], "subscribed");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_frame_closes_with_1009() {
+    let cfg = config_file("[limits]\nmax_message_size = 1024\n");
+    let node = start(None, &["--config", cfg.to_str().unwrap()]).await;
+    let mut c = connect(&node, &token("1", &[])).await;
+    // Exactly the limit is fine.
+    let filler = "x".repeat(1024 - r#"{"type":"ping","pad":""}"#.len());
+    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}"}}"#)).await;
+    assert_eq!(c.recv_type("pong").await["type"], "pong");
+    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}x"}}"#)).await;
+    assert_eq!(c.expect_close().await, Some(1009));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn first_frame_must_be_auth_within_the_timeout() {
+    let cfg = config_file("[limits]\nauth_timeout_secs = 1\n");
+    let node = start(None, &["--config", cfg.to_str().unwrap()]).await;
+    let mut c = WsClient::connect(&node.ws_url()).await.unwrap();
+    assert_eq!(c.expect_close().await, Some(4001));
+    let mut c = WsClient::connect(&node.ws_url()).await.unwrap();
+    c.send(json!({"type":"subscribe","channel":"user:1"})).await;
+    assert_eq!(c.expect_close().await, Some(4001));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn origin_allowlist_closes_with_1008() {
+    let node = start(None, &["--allowed-origins", "https://app.example.com"]).await;
+    let url = format!("{}?token={}", node.ws_url(), token("1", &[]));
+    let mut c = WsClient::connect_with(&url, &[("Origin", "https://evil.example.com")]).await.unwrap();
+    assert_eq!(c.expect_close().await, Some(1008));
+    let mut c = WsClient::connect_with(&url, &[("Origin", "https://app.example.com")]).await.unwrap();
+    c.recv_type("connected").await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn limits_on_subscriptions_and_flooding() {
+    let cfg = config_file(
+        "[limits]\nmax_subscriptions = 2\nmessages_per_second = 1\nmessage_burst = 5\nrate_limit_strikes = 3\n",
+    );
+    let node = start(None, &["--config", cfg.to_str().unwrap()]).await;
+    let mut c = connect(&node, &token("1", &["chat:*"])).await;
+    assert_eq!(c.subscribe(1, "chat:a").await["type"], "subscribed");
+    assert_eq!(c.subscribe(2, "chat:b").await["type"], "subscribed");
+    assert_eq!(c.subscribe(3, "chat:c").await["code"], "limit_exceeded");
+    // Burst of 5 spent (3 subscribes above); the next frames are rate limited, then 4008.
+    for i in 0..10 {
+        c.send(json!({"type":"ping","id":100 + i})).await;
+    }
+    let mut codes = vec![];
+    let close = loop {
+        match c.next().await {
+            Incoming::Frame(f) => codes.push(f["code"].as_str().unwrap_or("pong").to_string()),
+            Incoming::Closed { code, .. } => break code,
+        }
+    };
+    assert!(codes.iter().any(|c| c == "rate_limited"), "{codes:?}");
+    assert_eq!(close, Some(4008));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn msgpack_subprotocol_speaks_the_same_frames() {
+    for backend in Backend::all() {
+        let node = start(backend.url().as_deref(), &[]).await;
+        let url = format!("{}?token={}", node.ws_url(), token("7", &[]));
+        let mut c = WsClient::connect_with(&url, &[("Sec-WebSocket-Protocol", "fanout.msgpack")])
+            .await
+            .unwrap();
+        c.recv_type("connected").await;
+        assert_eq!(c.subscribe(1, "user:7").await["type"], "subscribed");
+        let (status, ack) = api_publish(&node, "user:7", json!({"n": 1})).await;
+        assert_eq!(status, 200, "{ack}");
+        let m = c.recv_type("message").await;
+        assert_eq!(m["data"], json!({"n": 1}), "{}", backend.name());
+        assert_eq!(m["offset"], ack["offset"]);
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn api_publish_reaches_subscribers_on_both_brokers() {
+    for backend in Backend::all() {
+        let node = start(backend.url().as_deref(), &[]).await;
+        let mut c = connect(&node, &token("42", &[])).await;
+        assert_eq!(c.subscribe(1, "user:42").await["type"], "subscribed");
+        for n in 1..=3 {
+            let (status, ack) = api_publish(&node, "user:42", json!({"n": n})).await;
+            assert_eq!(status, 200, "{}: {ack}", backend.name());
+            assert!(ack["epoch"].as_str().is_some());
+        }
+        let mut last = 0;
+        for n in 1..=3 {
+            let m = c.recv_type("message").await;
+            assert_eq!(m["channel"], "user:42");
+            assert_eq!(m["data"], json!({"n": n}));
+            let offset = m["offset"].as_u64().unwrap();
+            assert!(offset > last);
+            last = offset;
+            assert!(m["ts"].as_u64().unwrap() > 0);
+        }
+        // Unsubscribe: no more messages.
+        c.send(json!({"type":"unsubscribe","id":2,"channel":"user:42"})).await;
+        assert_eq!(
+            c.recv().await,
+            json!({"type":"unsubscribed","id":2,"channel":"user:42","reason":"client"})
+        );
+        api_publish(&node, "user:42", json!({"n": 4})).await;
+        assert_eq!(c.next_within(Duration::from_millis(300)).await, None);
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn server_api_needs_the_admin_token() {
+    let node = start(None, &[]).await;
+    let addr = node.local_addr();
+    let body = r#"{"channel":"user:1","data":1}"#;
+    let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", None, Some(body)).await;
+    assert_eq!(s, 401, "{b}");
+    let (s, _) = fanout_testkit::http(addr, "POST", "/api/publish", Some("wrong-token-wrong-token"), Some(body)).await;
+    assert_eq!(s, 401);
+    let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some("{")).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("bad_request"));
+    let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some(r#"{"channel":"bad","data":1}"#)).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = fanout_testkit::http(addr, "GET", "/api/stats", Some(ADMIN), None).await;
+    assert_eq!(s, 200, "{b}");
+    let stats: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(stats["node"]["broker"], "memory");
+    node.shutdown().await;
+
+    // Keys configured but no admin token: the API is off, and says so.
+    let node = start_args(&["fanout-edge", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET]).await;
+    let (s, b) = fanout_testkit::http(node.local_addr(), "POST", "/api/publish", Some(ADMIN), Some(body)).await;
+    assert_eq!(s, 403, "{b}");
+    assert!(b.contains("FANOUT_ADMIN_TOKEN"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_disconnect_closes_with_4010() {
+    let node = start(None, &[]).await;
+    let mut a = connect(&node, &token("9", &[])).await;
+    let mut b = connect(&node, &token("9", &[])).await;
+    let mut other = connect(&node, &token("10", &[])).await;
+    let (s, body) = fanout_testkit::http(
+        node.local_addr(),
+        "POST",
+        "/api/disconnect",
+        Some(ADMIN),
+        Some(r#"{"user":"9"}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(a.expect_close().await, Some(4010));
+    assert_eq!(b.expect_close().await, Some(4010));
+    other.send(json!({"type":"ping","id":1})).await;
+    assert_eq!(other.recv_type("pong").await["id"], 1);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let node = start(None, &[]).await;
+    let (s, b) = fanout_testkit::http(node.local_addr(), "GET", "/healthz", None, None).await;
+    assert_eq!((s, b.as_str()), (200, r#"{"status":"ok"}"#));
+    let (s, b) = fanout_testkit::http(node.local_addr(), "GET", "/readyz", None, None).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = fanout_testkit::http(node.local_addr(), "GET", "/metrics", None, None).await;
+    assert_eq!(s, 200);
+    assert!(b.contains("fanout_connections"), "{b}");
+    node.shutdown().await;
+}
