@@ -55,7 +55,10 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
             "broadcast" => broadcast(req, &shared).await,
             "disconnect" => disconnect(req, &shared).await,
             "stats" => Ok(stats(&shared)),
-            _ => Err(ApiError::new(ErrorCode::BadRequest, "no such endpoint or method")),
+            _ => Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "no such endpoint or method",
+            )),
         },
     };
     let response = match result {
@@ -64,7 +67,8 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
             let status = if endpoint == "unknown" && e.code == ErrorCode::BadRequest {
                 StatusCode::NOT_FOUND
             } else {
-                StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                StatusCode::from_u16(e.code.http_status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
             };
             json(
                 status,
@@ -98,20 +102,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn body<T: for<'de> Deserialize<'de>>(req: Request<Incoming>, shared: &Shared) -> Result<T, ApiError> {
+async fn body<T: for<'de> Deserialize<'de>>(
+    req: Request<Incoming>,
+    shared: &Shared,
+) -> Result<T, ApiError> {
     let limit = shared.settings.limits.max_api_body;
     let bytes = Limited::new(req.into_body(), limit)
         .collect()
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::new(ErrorCode::TooLarge, format!("request body over {limit} bytes"))
+                ApiError::new(
+                    ErrorCode::TooLarge,
+                    format!("request body over {limit} bytes"),
+                )
             } else {
                 ApiError::new(ErrorCode::BadRequest, format!("cannot read body: {e}"))
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
 }
 
 #[derive(Deserialize)]
@@ -157,7 +168,10 @@ struct BroadcastBody {
 async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
     let b: BroadcastBody = body(req, shared).await?;
     if b.channels.is_empty() || b.channels.len() > 1000 {
-        return Err(ApiError::new(ErrorCode::BadRequest, "`channels` must list 1 to 1000 channels"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "`channels` must list 1 to 1000 channels",
+        ));
     }
     // Validate all before publishing any, so a typo does not publish half a broadcast.
     for c in &b.channels {
@@ -184,7 +198,10 @@ struct DisconnectBody {
     reason: Option<String>,
 }
 
-async fn disconnect(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+async fn disconnect(
+    req: Request<Incoming>,
+    shared: &Shared,
+) -> Result<serde_json::Value, ApiError> {
     let b: DisconnectBody = body(req, shared).await?;
     let n = shared.disconnect_user(&b.user);
     tracing::info!(user = %b.user, reason = b.reason.as_deref().unwrap_or(""), connections = n, "admin disconnect");

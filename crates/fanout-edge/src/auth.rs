@@ -309,7 +309,9 @@ fn load_jwks(path: &Path) -> Result<HashMap<String, Key>, AuthConfigError> {
                 AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
                 AlgorithmParameters::OctetKey(_) => Algorithm::HS256,
                 _ => {
-                    return Err(AuthConfigError::Jwks(format!("key `{kid}`: unsupported key type")))
+                    return Err(AuthConfigError::Jwks(format!(
+                        "key `{kid}`: unsupported key type"
+                    )))
                 }
             },
         };
@@ -318,7 +320,10 @@ fn load_jwks(path: &Path) -> Result<HashMap<String, Key>, AuthConfigError> {
         keys.insert(kid, Key { key, alg });
     }
     if keys.is_empty() {
-        return Err(AuthConfigError::Jwks(format!("{} has no keys", path.display())));
+        return Err(AuthConfigError::Jwks(format!(
+            "{} has no keys",
+            path.display()
+        )));
     }
     Ok(keys)
 }
@@ -362,12 +367,24 @@ mod tests {
     #[test]
     fn refusals_map_to_close_codes() {
         let a = auth(Some("fanout"));
-        let bad_sig = hs(serde_json::json!({"sub":"1","exp":now()+60,"aud":"fanout"}), "another-secret-another-secret");
+        let bad_sig = hs(
+            serde_json::json!({"sub":"1","exp":now()+60,"aud":"fanout"}),
+            "another-secret-another-secret",
+        );
         assert_eq!(a.verify_connection(&bad_sig), Err(AuthError::BadSignature));
-        let expired = hs(serde_json::json!({"sub":"1","exp":now()-3600,"aud":"fanout"}), SECRET);
+        let expired = hs(
+            serde_json::json!({"sub":"1","exp":now()-3600,"aud":"fanout"}),
+            SECRET,
+        );
         let e = a.verify_connection(&expired).unwrap_err();
-        assert_eq!((e.clone(), e.close_code()), (AuthError::Expired, CloseCode::TokenExpired));
-        let wrong_aud = hs(serde_json::json!({"sub":"1","exp":now()+60,"aud":"other"}), SECRET);
+        assert_eq!(
+            (e.clone(), e.close_code()),
+            (AuthError::Expired, CloseCode::TokenExpired)
+        );
+        let wrong_aud = hs(
+            serde_json::json!({"sub":"1","exp":now()+60,"aud":"other"}),
+            SECRET,
+        );
         assert_eq!(a.verify_connection(&wrong_aud), Err(AuthError::Audience));
         let no_exp = hs(serde_json::json!({"sub":"1","aud":"fanout"}), SECRET);
         assert_eq!(
@@ -400,13 +417,19 @@ mod tests {
             exp: now() + 60,
             channels: vec![],
         };
-        let t = hs(serde_json::json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}), SECRET);
+        let t = hs(
+            serde_json::json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}),
+            SECRET,
+        );
         assert_eq!(a.verify_subscription(&t, &p, "job_progress:7"), Ok(()));
         assert_eq!(
             a.verify_subscription(&t, &p, "job_progress:8"),
             Err(AuthError::OtherChannel)
         );
-        let other = hs(serde_json::json!({"sub":"43","exp":now()+60,"channel":"job_progress:7"}), SECRET);
+        let other = hs(
+            serde_json::json!({"sub":"43","exp":now()+60,"channel":"job_progress:7"}),
+            SECRET,
+        );
         assert_eq!(
             a.verify_subscription(&other, &p, "job_progress:7"),
             Err(AuthError::OtherUser)

@@ -17,7 +17,11 @@ use crate::rules::{Namespace, Namespaces, PublishRule, SubscribeRule};
 
 /// Command line and environment (contract §3).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "fanout-edge", version, about = "fanout edge node: WebSocket pub/sub over Redis")]
+#[command(
+    name = "fanout-edge",
+    version,
+    about = "fanout edge node: WebSocket pub/sub over Redis"
+)]
 pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8080")]
@@ -71,7 +75,10 @@ pub enum ConfigError {
     #[error("--allowed-origins / FANOUT_ALLOWED_ORIGINS: `{0}` is not an origin like https://app.example.com")]
     Origin(String),
     #[error("--config / FANOUT_CONFIG: cannot read {path}: {error}")]
-    ReadFile { path: PathBuf, error: std::io::Error },
+    ReadFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("--config / FANOUT_CONFIG: {path}: {error}")]
     ParseFile { path: PathBuf, error: String },
     #[error("config {setting}: {message}")]
@@ -164,7 +171,9 @@ struct NamespaceFile {
 pub enum BrokerSettings {
     /// The embedded in-memory broker: one node, no Redis.
     Memory,
-    Redis { url: String },
+    Redis {
+        url: String,
+    },
 }
 
 /// Validated configuration, shared as `Arc<Settings>`.
@@ -207,8 +216,10 @@ impl Settings {
             None | Some("") => BrokerSettings::Memory,
             Some(url) => {
                 let scheme = url.split("://").next().unwrap_or_default();
-                if !matches!(scheme, "redis" | "rediss" | "redis-cluster" | "redis-sentinel")
-                    || !url.contains("://")
+                if !matches!(
+                    scheme,
+                    "redis" | "rediss" | "redis-cluster" | "redis-sentinel"
+                ) || !url.contains("://")
                 {
                     return Err(ConfigError::RedisUrl(format!(
                         "`{scheme}://` is not one of redis://, rediss://, redis-cluster://, redis-sentinel://"
@@ -224,10 +235,11 @@ impl Settings {
         let file = match &args.config {
             None => FileConfig::default(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
-                    path: path.clone(),
-                    error,
-                })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|error| ConfigError::ReadFile {
+                        path: path.clone(),
+                        error,
+                    })?;
                 toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
                     path: path.clone(),
                     error: e.to_string(),
@@ -315,14 +327,46 @@ impl Settings {
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
     let checks: [(&str, bool, &str); 8] = [
-        ("limits.max_message_size", l.max_message_size >= 256, "must be at least 256"),
-        ("limits.max_connections", l.max_connections >= 1, "must be at least 1"),
-        ("limits.max_subscriptions", l.max_subscriptions >= 1, "must be at least 1"),
-        ("limits.queue_messages", l.queue_messages >= 1, "must be at least 1"),
-        ("limits.messages_per_second", l.messages_per_second >= 1, "must be at least 1"),
-        ("limits.message_burst", l.message_burst >= 1, "must be at least 1"),
-        ("limits.auth_timeout_secs", l.auth_timeout_secs >= 1, "must be at least 1"),
-        ("limits.ping_interval_secs", l.ping_interval_secs >= 1, "must be at least 1"),
+        (
+            "limits.max_message_size",
+            l.max_message_size >= 256,
+            "must be at least 256",
+        ),
+        (
+            "limits.max_connections",
+            l.max_connections >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.max_subscriptions",
+            l.max_subscriptions >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.queue_messages",
+            l.queue_messages >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.messages_per_second",
+            l.messages_per_second >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.message_burst",
+            l.message_burst >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.auth_timeout_secs",
+            l.auth_timeout_secs >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.ping_interval_secs",
+            l.ping_interval_secs >= 1,
+            "must be at least 1",
+        ),
     ];
     for (setting, ok, message) in checks {
         if !ok {
@@ -336,7 +380,11 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
     let mut namespaces = Namespaces::builtin();
     for (name, ns) in file {
         let setting = format!("namespaces.{name}");
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(invalid(setting, "a namespace name is [A-Za-z0-9_-]+"));
         }
         let builtin = namespaces.get(&name).cloned();
@@ -352,7 +400,10 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
             .map(Duration::from_secs)
             .unwrap_or(base.history.ttl);
         if history_ttl.is_zero() {
-            return Err(invalid(format!("{setting}.history_ttl_secs"), "must be at least 1"));
+            return Err(invalid(
+                format!("{setting}.history_ttl_secs"),
+                "must be at least 1",
+            ));
         }
         namespaces.insert(Namespace {
             name: name.clone(),
@@ -399,7 +450,10 @@ mod tests {
         assert!(s.dev_mode());
         assert!(s.admin_token.as_ref().unwrap().len() >= 16);
         assert_eq!(s.broker, BrokerSettings::Memory);
-        let p = s.auth.verify_connection(s.dev_token.as_ref().unwrap()).unwrap();
+        let p = s
+            .auth
+            .verify_connection(s.dev_token.as_ref().unwrap())
+            .unwrap();
         assert_eq!(p.user, "demo");
     }
 
@@ -409,13 +463,22 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--redis-url", "http://x"]).unwrap_err().to_string();
         assert!(e.contains("FANOUT_REDIS_URL"), "{e}");
-        let e = parse(&["--jwt-secret", "s3cret-s3cret-s3cret-s3cret", "--admin-token", "short"])
+        let e = parse(&[
+            "--jwt-secret",
+            "s3cret-s3cret-s3cret-s3cret",
+            "--admin-token",
+            "short",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("FANOUT_ADMIN_TOKEN"), "{e}");
+        let e = parse(&["--allowed-origins", "app.example.com"])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("FANOUT_ADMIN_TOKEN"), "{e}");
-        let e = parse(&["--allowed-origins", "app.example.com"]).unwrap_err().to_string();
         assert!(e.contains("FANOUT_ALLOWED_ORIGINS"), "{e}");
-        let e = parse(&["--jwt-public-key", "/nonexistent.pem"]).unwrap_err().to_string();
+        let e = parse(&["--jwt-public-key", "/nonexistent.pem"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("FANOUT_JWT_PUBLIC_KEY"), "{e}");
     }
 
@@ -425,13 +488,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "[limits]\nmax_subscriptions = 0\n").unwrap();
-        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        let e = parse(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("limits.max_subscriptions"), "{e}");
         std::fs::write(&path, "[namespaces.user]\nsubscribe = \"authenticated\"\n").unwrap();
-        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        let e = parse(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("namespaces.user"), "{e}");
         std::fs::write(&path, "[limits]\nbogus = 1\n").unwrap();
-        let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err().to_string();
+        let e = parse(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
         std::fs::write(
             &path,

@@ -56,7 +56,11 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, trac
     }
 }
 
-async fn route(req: Request<Incoming>, shared: Arc<Shared>, tracker: TaskTracker) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(req, shared, tracker),
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
@@ -87,7 +91,9 @@ fn readyz(shared: &Shared) -> Response<Body> {
     };
     let body = match reason {
         None => serde_json::json!({"status": "ready", "broker": shared.broker.kind()}),
-        Some(r) => serde_json::json!({"status": "unavailable", "reason": r, "broker": shared.broker.kind()}),
+        Some(r) => {
+            serde_json::json!({"status": "unavailable", "reason": r, "broker": shared.broker.kind()})
+        }
     };
     json(status, &body)
 }
@@ -100,7 +106,11 @@ pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Bod
     r
 }
 
-fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, tracker: TaskTracker) -> Response<Body> {
+fn upgrade(
+    mut req: Request<Incoming>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json(
             StatusCode::UPGRADE_REQUIRED,
@@ -167,9 +177,10 @@ fn upgrade(mut req: Request<Incoming>, shared: Arc<Shared>, tracker: TaskTracker
     });
     let (mut parts, _) = response.into_parts();
     if offered.is_some() {
-        parts
-            .headers
-            .insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(codec.protocol()));
+        parts.headers.insert(
+            SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(codec.protocol()),
+        );
     }
     Response::from_parts(parts, Full::new(Bytes::new()))
 }
@@ -227,7 +238,10 @@ mod tests {
 
     #[test]
     fn finds_tokens() {
-        assert_eq!(query_token(Some("a=1&token=abc.def")), Some("abc.def".into()));
+        assert_eq!(
+            query_token(Some("a=1&token=abc.def")),
+            Some("abc.def".into())
+        );
         assert_eq!(query_token(Some("token=a%2Eb")), Some("a.b".into()));
         assert_eq!(query_token(Some("token=")), None);
         assert_eq!(query_token(None), None);

@@ -193,7 +193,9 @@ impl Hub {
         // hot path: no allocation or lock per subscriber.
         for sub in subs {
             let frame = match sub.codec {
-                Codec::Json => json.get_or_insert_with(|| envelope.encode_message(channel, Codec::Json)),
+                Codec::Json => {
+                    json.get_or_insert_with(|| envelope.encode_message(channel, Codec::Json))
+                }
                 Codec::MsgPack => {
                     msgpack.get_or_insert_with(|| envelope.encode_message(channel, Codec::MsgPack))
                 }

@@ -18,7 +18,10 @@ async fn main() -> std::process::ExitCode {
     };
     let filter = EnvFilter::try_from_env("FANOUT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if settings.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -29,7 +32,10 @@ async fn main() -> std::process::ExitCode {
         tracing::warn!("no --allowed-origins: WebSocket connections from any Origin are accepted");
     }
     let dev_token = settings.dev_token.clone();
-    let dev_admin = settings.dev_mode().then(|| settings.admin_token.clone()).flatten();
+    let dev_admin = settings
+        .dev_mode()
+        .then(|| settings.admin_token.clone())
+        .flatten();
     let node = match Node::start(settings).await {
         Ok(n) => n,
         Err(error) => {

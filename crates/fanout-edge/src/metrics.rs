@@ -37,12 +37,18 @@ pub fn install() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full(PUBSUB_LAG_SECONDS.into()),
-                    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ],
                 )
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(BROKER_SUBSCRIBE_SECONDS.into()),
-                        &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+                        &[
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                            5.0,
+                        ],
                     )
                 })
                 .expect("bucket lists are not empty")
@@ -55,23 +61,95 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(CONNECTIONS, Unit::Count, "WebSocket connections open on this node.");
-    describe_counter!(CONNECTIONS_TOTAL, Unit::Count, "WebSocket connections accepted.");
-    describe_counter!(DISCONNECTS_TOTAL, Unit::Count, "Connections ended, by close code (`none` = the peer vanished).");
-    describe_counter!(AUTH_FAILURES_TOTAL, Unit::Count, "Refused tokens, by reason.");
-    describe_counter!(CLIENT_FRAMES_TOTAL, Unit::Count, "Client frames handled, by type.");
-    describe_counter!(CLIENT_ERRORS_TOTAL, Unit::Count, "Error frames sent to clients, by code.");
-    describe_gauge!(SUBSCRIPTIONS, Unit::Count, "Client subscriptions on this node.");
-    describe_gauge!(CHANNELS, Unit::Count, "Channels this node is subscribed to at the broker.");
-    describe_counter!(BROKER_MESSAGES_TOTAL, Unit::Count, "Messages received from the broker.");
-    describe_counter!(DELIVERIES_TOTAL, Unit::Count, "Messages queued to client sockets.");
-    describe_counter!(SLOW_CONSUMER_CLOSES_TOTAL, Unit::Count, "Connections closed with 4009 because their queue was full.");
-    describe_counter!(BROKER_LAGGED_MESSAGES_TOTAL, Unit::Count, "Broker messages skipped because the node fell behind its subscriber connection.");
-    describe_counter!(BROKER_RECONNECTS_TOTAL, Unit::Count, "Reconnections to the broker (Redis).");
-    describe_counter!(BROKER_ERRORS_TOTAL, Unit::Count, "Broker command failures, by operation.");
+    describe_gauge!(
+        CONNECTIONS,
+        Unit::Count,
+        "WebSocket connections open on this node."
+    );
+    describe_counter!(
+        CONNECTIONS_TOTAL,
+        Unit::Count,
+        "WebSocket connections accepted."
+    );
+    describe_counter!(
+        DISCONNECTS_TOTAL,
+        Unit::Count,
+        "Connections ended, by close code (`none` = the peer vanished)."
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        Unit::Count,
+        "Refused tokens, by reason."
+    );
+    describe_counter!(
+        CLIENT_FRAMES_TOTAL,
+        Unit::Count,
+        "Client frames handled, by type."
+    );
+    describe_counter!(
+        CLIENT_ERRORS_TOTAL,
+        Unit::Count,
+        "Error frames sent to clients, by code."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        Unit::Count,
+        "Client subscriptions on this node."
+    );
+    describe_gauge!(
+        CHANNELS,
+        Unit::Count,
+        "Channels this node is subscribed to at the broker."
+    );
+    describe_counter!(
+        BROKER_MESSAGES_TOTAL,
+        Unit::Count,
+        "Messages received from the broker."
+    );
+    describe_counter!(
+        DELIVERIES_TOTAL,
+        Unit::Count,
+        "Messages queued to client sockets."
+    );
+    describe_counter!(
+        SLOW_CONSUMER_CLOSES_TOTAL,
+        Unit::Count,
+        "Connections closed with 4009 because their queue was full."
+    );
+    describe_counter!(
+        BROKER_LAGGED_MESSAGES_TOTAL,
+        Unit::Count,
+        "Broker messages skipped because the node fell behind its subscriber connection."
+    );
+    describe_counter!(
+        BROKER_RECONNECTS_TOTAL,
+        Unit::Count,
+        "Reconnections to the broker (Redis)."
+    );
+    describe_counter!(
+        BROKER_ERRORS_TOTAL,
+        Unit::Count,
+        "Broker command failures, by operation."
+    );
     describe_gauge!(BROKER_UP, Unit::Count, "1 while the broker is connected.");
-    describe_counter!(PUBLISHES_TOTAL, Unit::Count, "Publishes made through this node, by source (api, client).");
-    describe_histogram!(PUBSUB_LAG_SECONDS, Unit::Seconds, "Time from publish (`ts`) to dispatch on this node.");
-    describe_histogram!(BROKER_SUBSCRIBE_SECONDS, Unit::Seconds, "Time to subscribe a batch of channels at the broker.");
-    describe_counter!(API_REQUESTS_TOTAL, Unit::Count, "Server API requests, by endpoint and status.");
+    describe_counter!(
+        PUBLISHES_TOTAL,
+        Unit::Count,
+        "Publishes made through this node, by source (api, client)."
+    );
+    describe_histogram!(
+        PUBSUB_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from publish (`ts`) to dispatch on this node."
+    );
+    describe_histogram!(
+        BROKER_SUBSCRIBE_SECONDS,
+        Unit::Seconds,
+        "Time to subscribe a batch of channels at the broker."
+    );
+    describe_counter!(
+        API_REQUESTS_TOTAL,
+        Unit::Count,
+        "Server API requests, by endpoint and status."
+    );
 }

@@ -34,6 +34,9 @@ pub enum NodeError {
     Broker(#[from] BrokerError),
 }
 
+/// Authenticated connections by user, for admin disconnects.
+type UserRegistry = HashMap<String, Vec<(SessionId, Arc<Control>)>>;
+
 /// State shared by every task of the node.
 pub struct Shared {
     pub settings: Arc<Settings>,
@@ -46,7 +49,7 @@ pub struct Shared {
     draining: AtomicBool,
     next_id: AtomicU64,
     connections: AtomicUsize,
-    users: Mutex<HashMap<String, Vec<(SessionId, Arc<Control>)>>>,
+    users: Mutex<UserRegistry>,
 }
 
 impl Shared {
@@ -56,7 +59,10 @@ impl Shared {
 
     pub(crate) fn register(&self, id: SessionId, user: &str, control: Arc<Control>) {
         let mut users = self.users.lock().expect("users lock");
-        users.entry(user.to_string()).or_default().push((id, control));
+        users
+            .entry(user.to_string())
+            .or_default()
+            .push((id, control));
     }
 
     pub(crate) fn unregister(&self, id: SessionId, user: &str) {
@@ -127,12 +133,13 @@ impl Node {
     pub async fn start(settings: Settings) -> Result<Node, NodeError> {
         let settings = Arc::new(settings);
         let metrics = m::install();
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|error| NodeError::Bind {
-                addr: settings.listen,
-                error,
-            })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|error| NodeError::Bind {
+                    addr: settings.listen,
+                    error,
+                })?;
         let addr = listener.local_addr().map_err(|error| NodeError::Bind {
             addr: settings.listen,
             error,
@@ -146,7 +153,11 @@ impl Node {
         };
         let tracker = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
-        tracker.spawn(subscriptions::run(broker.clone(), commands, shutdown.clone()));
+        tracker.spawn(subscriptions::run(
+            broker.clone(),
+            commands,
+            shutdown.clone(),
+        ));
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             hub,

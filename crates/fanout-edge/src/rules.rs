@@ -136,7 +136,9 @@ impl Namespaces {
 
     /// The rules for a channel's namespace (an unknown namespace gets claim-only rules).
     pub fn for_channel(&self, channel: &Channel<'_>) -> &Namespace {
-        self.by_name.get(channel.namespace()).unwrap_or(&self.unknown)
+        self.by_name
+            .get(channel.namespace())
+            .unwrap_or(&self.unknown)
     }
 
     /// Parses `name`, answering `bad_request` for an invalid one.
@@ -156,7 +158,8 @@ impl Namespaces {
     ) -> Result<(), Refusal> {
         let ns = self.for_channel(channel);
         let known = self.by_name.contains_key(channel.namespace());
-        let granted = principal.has_claim(channel.as_str()) || matches!(grant, Grant::SubscriptionToken);
+        let granted =
+            principal.has_claim(channel.as_str()) || matches!(grant, Grant::SubscriptionToken);
         let ok = match ns.subscribe {
             SubscribeRule::Owner => channel.rest() == principal.user,
             SubscribeRule::Authenticated => true,
@@ -223,7 +226,9 @@ mod tests {
     fn user_channel_only_for_its_owner() {
         let ns = Namespaces::builtin();
         let c = Channel::parse("user:42").unwrap();
-        assert!(ns.check_subscribe(&principal("42", &[]), &c, Grant::None).is_ok());
+        assert!(ns
+            .check_subscribe(&principal("42", &[]), &c, Grant::None)
+            .is_ok());
         let e = ns
             .check_subscribe(&principal("43", &["user:*"]), &c, Grant::None)
             .unwrap_err();
@@ -252,7 +257,9 @@ mod tests {
     fn unknown_namespace_needs_claim() {
         let ns = Namespaces::builtin();
         let c = Channel::parse("chat:1").unwrap();
-        assert!(ns.check_subscribe(&principal("1", &[]), &c, Grant::None).is_err());
+        assert!(ns
+            .check_subscribe(&principal("1", &[]), &c, Grant::None)
+            .is_err());
         assert!(ns
             .check_subscribe(&principal("1", &["chat:1"]), &c, Grant::None)
             .is_ok());
@@ -263,7 +270,9 @@ mod tests {
         let ns = Namespaces::builtin();
         let c = Channel::parse("user:1").unwrap();
         assert_eq!(
-            ns.check_publish(&principal("1", &[]), &c, true).unwrap_err().code,
+            ns.check_publish(&principal("1", &[]), &c, true)
+                .unwrap_err()
+                .code,
             ErrorCode::Forbidden
         );
     }

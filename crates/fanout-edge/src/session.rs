@@ -45,8 +45,11 @@ pub(crate) struct Handshake {
 /// Runs a connection to its end.
 pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: Handshake) {
     let (read, write) = tokio::io::split(io);
-    let (mut reader, writer) =
-        fastwebsockets::after_handshake_split(read, BufWriter::with_capacity(4096, write), Role::Server);
+    let (mut reader, writer) = fastwebsockets::after_handshake_split(
+        read,
+        BufWriter::with_capacity(4096, write),
+        Role::Server,
+    );
     // Control frames are handled here, so that the writer half stays the only writer.
     reader.set_auto_close(false);
     reader.set_auto_pong(false);
@@ -219,7 +222,8 @@ impl Session {
                 }
                 Read::Close(code) => {
                     // Echo the client's close and end.
-                    self.control.close_raw(if code == 1005 { 1000 } else { code }, String::new());
+                    self.control
+                        .close_raw(if code == 1005 { 1000 } else { code }, String::new());
                     return;
                 }
                 Read::Message(bytes, binary) => {
@@ -279,15 +283,20 @@ impl Session {
             return;
         }
         match frame {
-            ClientFrame::Auth { .. } => {
-                self.error(id, ErrorCode::BadRequest, "already authenticated; use `refresh` to replace the token")
-            }
+            ClientFrame::Auth { .. } => self.error(
+                id,
+                ErrorCode::BadRequest,
+                "already authenticated; use `refresh` to replace the token",
+            ),
             ClientFrame::Subscribe {
                 channel,
                 token,
                 since,
                 last: _,
-            } => self.subscribe(id, &channel, token.as_deref(), since.is_some()).await,
+            } => {
+                self.subscribe(id, &channel, token.as_deref(), since.is_some())
+                    .await
+            }
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(id, &channel),
             ClientFrame::Publish {
                 channel,
@@ -298,10 +307,7 @@ impl Session {
             ClientFrame::Refresh { token } => self.refresh(id, &token),
             ClientFrame::Presence { channel } => {
                 let message = match self.shared.settings.namespaces.parse(&channel) {
-                    Ok(c) => format!(
-                        "presence is not enabled for namespace `{}`",
-                        c.namespace()
-                    ),
+                    Ok(c) => format!("presence is not enabled for namespace `{}`", c.namespace()),
                     Err(r) => r.message,
                 };
                 self.error(id, ErrorCode::Forbidden, &message)
@@ -315,7 +321,8 @@ impl Session {
         match self.shared.settings.auth.verify_connection(token) {
             Ok(principal) => {
                 tracing::debug!(session = self.id, user = %principal.user, "authenticated");
-                self.shared.register(self.id, &principal.user, self.control.clone());
+                self.shared
+                    .register(self.id, &principal.user, self.control.clone());
                 self.principal = Some(principal);
                 let p = self.principal.as_ref().expect("just set");
                 let frame = ServerFrame::Connected {
@@ -332,12 +339,22 @@ impl Session {
 
     fn refuse_token(&self, error: &AuthError) {
         metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => error.label()).increment(1);
-        tracing::info!(session = self.id, reason = error.label(), "connection token refused");
+        tracing::info!(
+            session = self.id,
+            reason = error.label(),
+            "connection token refused"
+        );
         self.control
             .close_raw(error.close_code().code(), error.to_string());
     }
 
-    async fn subscribe(&mut self, id: Option<&FrameId>, name: &str, token: Option<&str>, since: bool) {
+    async fn subscribe(
+        &mut self,
+        id: Option<&FrameId>,
+        name: &str,
+        token: Option<&str>,
+        since: bool,
+    ) {
         let shared = self.shared.clone();
         let principal = self.principal.as_ref().expect("authenticated");
         let channel = match shared.settings.namespaces.parse(name) {
@@ -345,7 +362,11 @@ impl Session {
             Err(r) => return self.error(id, r.code, &r.message),
         };
         if self.channels.contains_key(name) {
-            return self.error(id, ErrorCode::BadRequest, &format!("already subscribed to {name}"));
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                &format!("already subscribed to {name}"),
+            );
         }
         if self.channels.len() >= shared.settings.limits.max_subscriptions {
             return self.error(
@@ -363,15 +384,27 @@ impl Session {
                 Ok(()) => Grant::SubscriptionToken,
                 Err(e) => {
                     metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => e.label()).increment(1);
-                    return self.error(id, e.error_code(), &format!("subscription token refused: {e}"));
+                    return self.error(
+                        id,
+                        e.error_code(),
+                        &format!("subscription token refused: {e}"),
+                    );
                 }
             },
         };
-        if let Err(r) = shared.settings.namespaces.check_subscribe(principal, &channel, grant) {
+        if let Err(r) = shared
+            .settings
+            .namespaces
+            .check_subscribe(principal, &channel, grant)
+        {
             return self.error(id, r.code, &r.message);
         }
         if !shared.broker.is_ready() {
-            return self.error(id, ErrorCode::Unavailable, "the broker is unavailable; retry shortly");
+            return self.error(
+                id,
+                ErrorCode::Unavailable,
+                "the broker is unavailable; retry shortly",
+            );
         }
         let channel: Arc<str> = Arc::from(name);
         if let Err(e) = shared.subscriptions.acquire(channel.clone()).await {
@@ -404,7 +437,11 @@ impl Session {
 
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
         match self.channels.remove_entry(name) {
-            None => self.error(id, ErrorCode::BadRequest, &format!("not subscribed to {name}")),
+            None => self.error(
+                id,
+                ErrorCode::BadRequest,
+                &format!("not subscribed to {name}"),
+            ),
             Some((channel, ())) => {
                 self.shared.hub.remove(&channel, self.id);
                 self.shared.subscriptions.release(channel);
@@ -430,12 +467,11 @@ impl Session {
             Ok(c) => c,
             Err(r) => return self.error(id, r.code, &r.message),
         };
-        if let Err(r) =
-            shared
-                .settings
-                .namespaces
-                .check_publish(principal, &channel, self.channels.contains_key(name))
-        {
+        if let Err(r) = shared.settings.namespaces.check_publish(
+            principal,
+            &channel,
+            self.channels.contains_key(name),
+        ) {
             return self.error(id, r.code, &r.message);
         }
         let history = shared.settings.namespaces.for_channel(&channel).history;
@@ -457,16 +493,22 @@ impl Session {
 
     fn refresh(&mut self, id: Option<&FrameId>, token: &str) {
         match self.shared.settings.auth.verify_connection(token) {
-            Ok(p) if Some(&p.user) != self.principal.as_ref().map(|q| &q.user) => {
-                self.error(id, ErrorCode::Forbidden, "the new token is for another user")
-            }
+            Ok(p) if Some(&p.user) != self.principal.as_ref().map(|q| &q.user) => self.error(
+                id,
+                ErrorCode::Forbidden,
+                "the new token is for another user",
+            ),
             Ok(p) => {
                 self.principal = Some(p);
                 self.send(&ServerFrame::Reply { id, extra: None });
             }
             Err(e) => {
                 metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => e.label()).increment(1);
-                self.error(id, ErrorCode::Unauthorized, &format!("refresh token refused: {e}"))
+                self.error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    &format!("refresh token refused: {e}"),
+                )
             }
         }
     }
@@ -610,7 +652,8 @@ impl TokenBucket {
 
     fn take(&mut self) -> bool {
         let now = std::time::Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

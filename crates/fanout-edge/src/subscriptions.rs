@@ -16,8 +16,10 @@ use crate::metrics as m;
 /// Largest number of channels in one SUBSCRIBE / UNSUBSCRIBE.
 const BATCH: usize = 512;
 
+type Reply = oneshot::Sender<Result<(), BrokerError>>;
+
 pub(crate) enum Command {
-    Acquire(Arc<str>, oneshot::Sender<Result<(), BrokerError>>),
+    Acquire(Arc<str>, Reply),
     Release(Arc<str>),
     /// The broker reconnected: subscribe everything again.
     Resubscribe,
@@ -74,7 +76,7 @@ pub(crate) async fn run(
         if received == 0 {
             return;
         }
-        let mut waiting: Vec<(Arc<str>, oneshot::Sender<Result<(), BrokerError>>)> = Vec::new();
+        let mut waiting: Vec<(Arc<str>, Reply)> = Vec::new();
         let mut touched: Vec<Arc<str>> = Vec::new();
         let mut resubscribe = false;
         for command in commands.drain(..) {

@@ -15,9 +15,10 @@ async fn token_in_header_query_or_first_frame() {
     let node = start(None, &[]).await;
     let t = token("42", &[]);
     // Header
-    let mut c = WsClient::connect_with(&node.ws_url(), &[("Authorization", &format!("Bearer {t}"))])
-        .await
-        .unwrap();
+    let mut c =
+        WsClient::connect_with(&node.ws_url(), &[("Authorization", &format!("Bearer {t}"))])
+            .await
+            .unwrap();
     let hello = c.recv_type("connected").await;
     assert_eq!(hello["user"], "42");
     assert_eq!(hello["ping_interval"], 25);
@@ -51,16 +52,24 @@ async fn job_progress_needs_claim_or_subscription_token() {
     let node = start(None, &[]).await;
     let mut c = connect(&node, &token("42", &[])).await;
     let r = c.subscribe(1, "job_progress:7").await;
-    assert_eq!((r["type"].as_str(), r["code"].as_str()), (Some("error"), Some("forbidden")));
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("forbidden"))
+    );
     // A subscription token for this user and channel.
     let sub = token_with(json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}));
-    c.send(json!({"type":"subscribe","id":2,"channel":"job_progress:7","token":sub})).await;
+    c.send(json!({"type":"subscribe","id":2,"channel":"job_progress:7","token":sub}))
+        .await;
     assert_eq!(c.recv_type("subscribed").await["id"], 2);
     // A subscription token for somebody else.
     let other = token_with(json!({"sub":"43","exp":now()+60,"channel":"job_progress:8"}));
-    c.send(json!({"type":"subscribe","id":3,"channel":"job_progress:8","token":other})).await;
+    c.send(json!({"type":"subscribe","id":3,"channel":"job_progress:8","token":other}))
+        .await;
     let r = c.recv_type("error").await;
-    assert_eq!((r["id"].as_u64(), r["code"].as_str()), (Some(3), Some("forbidden")));
+    assert_eq!(
+        (r["id"].as_u64(), r["code"].as_str()),
+        (Some(3), Some("forbidden"))
+    );
     // A forged subscription token.
     let forged = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -68,7 +77,8 @@ async fn job_progress_needs_claim_or_subscription_token() {
         &jsonwebtoken::EncodingKey::from_secret(b"not-the-secret-not-the-secret"),
     )
     .unwrap();
-    c.send(json!({"type":"subscribe","id":4,"channel":"job_progress:9","token":forged})).await;
+    c.send(json!({"type":"subscribe","id":4,"channel":"job_progress:9","token":forged}))
+        .await;
     assert_eq!(c.recv_type("error").await["code"], "unauthorized");
     // The claim.
     let mut c = connect(&node, &token("42", &["job_progress:*"])).await;
@@ -88,14 +98,22 @@ async fn close_code_for(url: &str) -> Option<u16> {
 
 #[tokio::test]
 async fn bad_tokens_close_with_4001_and_expired_with_4004() {
-    let node = start(None, &["--jwt-audience", "fanout", "--jwt-public-key", RSA_PUBLIC]).await;
+    let node = start(
+        None,
+        &["--jwt-audience", "fanout", "--jwt-public-key", RSA_PUBLIC],
+    )
+    .await;
     let ws = node.ws_url();
     let good = token_with(json!({"sub":"1","exp":now()+60,"aud":"fanout"}));
-    let mut c = WsClient::connect(&format!("{ws}?token={good}")).await.unwrap();
+    let mut c = WsClient::connect(&format!("{ws}?token={good}"))
+        .await
+        .unwrap();
     c.recv_type("connected").await;
     // RS256 token verified by the PEM key.
     let rs = rs256_token(json!({"sub":"1","exp":now()+60,"aud":"fanout"}));
-    let mut c = WsClient::connect(&format!("{ws}?token={rs}")).await.unwrap();
+    let mut c = WsClient::connect(&format!("{ws}?token={rs}"))
+        .await
+        .unwrap();
     c.recv_type("connected").await;
 
     let bad_sig = jsonwebtoken::encode(
@@ -104,12 +122,24 @@ async fn bad_tokens_close_with_4001_and_expired_with_4004() {
         &jsonwebtoken::EncodingKey::from_secret(b"wrong-secret-wrong-secret-wrong"),
     )
     .unwrap();
-    assert_eq!(close_code_for(&format!("{ws}?token={bad_sig}")).await, Some(4001));
+    assert_eq!(
+        close_code_for(&format!("{ws}?token={bad_sig}")).await,
+        Some(4001)
+    );
     let wrong_aud = token_with(json!({"sub":"1","exp":now()+60,"aud":"other"}));
-    assert_eq!(close_code_for(&format!("{ws}?token={wrong_aud}")).await, Some(4001));
+    assert_eq!(
+        close_code_for(&format!("{ws}?token={wrong_aud}")).await,
+        Some(4001)
+    );
     let expired = token_with(json!({"sub":"1","exp":now()-3600,"aud":"fanout"}));
-    assert_eq!(close_code_for(&format!("{ws}?token={expired}")).await, Some(4004));
-    assert_eq!(close_code_for(&format!("{ws}?token=not-a-jwt")).await, Some(4001));
+    assert_eq!(
+        close_code_for(&format!("{ws}?token={expired}")).await,
+        Some(4004)
+    );
+    assert_eq!(
+        close_code_for(&format!("{ws}?token=not-a-jwt")).await,
+        Some(4001)
+    );
     node.shutdown().await;
 }
 
@@ -139,7 +169,9 @@ async fn alg_is_pinned_hs256_token_against_rs256_key_is_refused() {
         Some(4001)
     );
     let rs = rs256_token(json!({"sub":"1","exp":now()+60}));
-    let mut c = WsClient::connect(&format!("{}?token={rs}", node.ws_url())).await.unwrap();
+    let mut c = WsClient::connect(&format!("{}?token={rs}", node.ws_url()))
+        .await
+        .unwrap();
     c.recv_type("connected").await;
     node.shutdown().await;
 }
@@ -154,15 +186,26 @@ async fn bad_frames_get_bad_request_and_the_connection_stays_usable() {
     assert!(r["message"].as_str().unwrap().contains("malformed JSON"));
     c.send(json!({"type":"explode","id":9})).await;
     let r = c.recv_type("error").await;
-    assert_eq!((r["code"].as_str(), r["id"].as_u64()), (Some("bad_request"), Some(9)));
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_u64()),
+        (Some("bad_request"), Some(9))
+    );
     assert_eq!(r["message"], "unknown type `explode`");
     c.send(json!({"type":"subscribe","id":10})).await;
     let r = c.recv_type("error").await;
-    assert_eq!((r["code"].as_str(), r["id"].as_u64()), (Some("bad_request"), Some(10)));
-    assert!(r["message"].as_str().unwrap().contains("missing field `channel`"));
-    c.send(json!({"type":"subscribe","id":11,"channel":"no-namespace"})).await;
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_u64()),
+        (Some("bad_request"), Some(10))
+    );
+    assert!(r["message"]
+        .as_str()
+        .unwrap()
+        .contains("missing field `channel`"));
+    c.send(json!({"type":"subscribe","id":11,"channel":"no-namespace"}))
+        .await;
     assert_eq!(c.recv_type("error").await["code"], "bad_request");
-    c.send(json!({"type":"unsubscribe","id":12,"channel":"user:1"})).await;
+    c.send(json!({"type":"unsubscribe","id":12,"channel":"user:1"}))
+        .await;
     assert_eq!(c.recv_type("error").await["code"], "bad_request");
     // Still usable.
     c.send(json!({"type":"ping","id":13})).await;
@@ -178,9 +221,11 @@ async fn oversized_frame_closes_with_1009() {
     let mut c = connect(&node, &token("1", &[])).await;
     // Exactly the limit is fine.
     let filler = "x".repeat(1024 - r#"{"type":"ping","pad":""}"#.len());
-    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}"}}"#)).await;
+    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}"}}"#))
+        .await;
     assert_eq!(c.recv_type("pong").await["type"], "pong");
-    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}x"}}"#)).await;
+    c.send_text(format!(r#"{{"type":"ping","pad":"{filler}x"}}"#))
+        .await;
     assert_eq!(c.expect_close().await, Some(1009));
     node.shutdown().await;
 }
@@ -201,9 +246,13 @@ async fn first_frame_must_be_auth_within_the_timeout() {
 async fn origin_allowlist_closes_with_1008() {
     let node = start(None, &["--allowed-origins", "https://app.example.com"]).await;
     let url = format!("{}?token={}", node.ws_url(), token("1", &[]));
-    let mut c = WsClient::connect_with(&url, &[("Origin", "https://evil.example.com")]).await.unwrap();
+    let mut c = WsClient::connect_with(&url, &[("Origin", "https://evil.example.com")])
+        .await
+        .unwrap();
     assert_eq!(c.expect_close().await, Some(1008));
-    let mut c = WsClient::connect_with(&url, &[("Origin", "https://app.example.com")]).await.unwrap();
+    let mut c = WsClient::connect_with(&url, &[("Origin", "https://app.example.com")])
+        .await
+        .unwrap();
     c.recv_type("connected").await;
     node.shutdown().await;
 }
@@ -275,7 +324,8 @@ async fn api_publish_reaches_subscribers_on_both_brokers() {
             assert!(m["ts"].as_u64().unwrap() > 0);
         }
         // Unsubscribe: no more messages.
-        c.send(json!({"type":"unsubscribe","id":2,"channel":"user:42"})).await;
+        c.send(json!({"type":"unsubscribe","id":2,"channel":"user:42"}))
+            .await;
         assert_eq!(
             c.recv().await,
             json!({"type":"unsubscribed","id":2,"channel":"user:42","reason":"client"})
@@ -293,12 +343,26 @@ async fn server_api_needs_the_admin_token() {
     let body = r#"{"channel":"user:1","data":1}"#;
     let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", None, Some(body)).await;
     assert_eq!(s, 401, "{b}");
-    let (s, _) = fanout_testkit::http(addr, "POST", "/api/publish", Some("wrong-token-wrong-token"), Some(body)).await;
+    let (s, _) = fanout_testkit::http(
+        addr,
+        "POST",
+        "/api/publish",
+        Some("wrong-token-wrong-token"),
+        Some(body),
+    )
+    .await;
     assert_eq!(s, 401);
     let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some("{")).await;
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("bad_request"));
-    let (s, b) = fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some(r#"{"channel":"bad","data":1}"#)).await;
+    let (s, b) = fanout_testkit::http(
+        addr,
+        "POST",
+        "/api/publish",
+        Some(ADMIN),
+        Some(r#"{"channel":"bad","data":1}"#),
+    )
+    .await;
     assert_eq!(s, 400, "{b}");
     let (s, b) = fanout_testkit::http(addr, "GET", "/api/stats", Some(ADMIN), None).await;
     assert_eq!(s, 200, "{b}");
@@ -307,8 +371,22 @@ async fn server_api_needs_the_admin_token() {
     node.shutdown().await;
 
     // Keys configured but no admin token: the API is off, and says so.
-    let node = start_args(&["fanout-edge", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET]).await;
-    let (s, b) = fanout_testkit::http(node.local_addr(), "POST", "/api/publish", Some(ADMIN), Some(body)).await;
+    let node = start_args(&[
+        "fanout-edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    let (s, b) = fanout_testkit::http(
+        node.local_addr(),
+        "POST",
+        "/api/publish",
+        Some(ADMIN),
+        Some(body),
+    )
+    .await;
     assert_eq!(s, 403, "{b}");
     assert!(b.contains("FANOUT_ADMIN_TOKEN"));
     node.shutdown().await;

@@ -170,7 +170,11 @@ mod tests {
             .decode_client(br#"{"type":"subscribe","id":2}"#)
             .unwrap_err();
         assert_eq!(e.id, Some(FrameId::Num(2)));
-        assert!(e.message.contains("missing field `channel`"), "{}", e.message);
+        assert!(
+            e.message.contains("missing field `channel`"),
+            "{}",
+            e.message
+        );
         let e = Codec::Json.decode_client(br#"[1,2]"#).unwrap_err();
         assert_eq!(e.message, "a frame must be an object");
         let e = Codec::Json.decode_client(br#"{"id":1}"#).unwrap_err();
@@ -197,9 +201,7 @@ mod tests {
         .unwrap();
         let f = Codec::MsgPack.decode_client(&bytes).unwrap();
         assert_eq!(f.id, Some(FrameId::Num(1)));
-        let pong = Codec::MsgPack.encode(&ServerFrame::Pong {
-            id: f.id.as_ref(),
-        });
+        let pong = Codec::MsgPack.encode(&ServerFrame::Pong { id: f.id.as_ref() });
         let back: serde_json::Value = rmp_serde::from_slice(&pong).unwrap();
         assert_eq!(back, serde_json::json!({"type":"pong","id":1}));
     }

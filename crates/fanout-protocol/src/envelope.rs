@@ -227,7 +227,10 @@ mod tests {
         // What the publish script does:
         let full = format!(r#"{{"offset":3,"epoch":"zz",{}"#, &body[1..]);
         let e = Envelope::decode(full.as_bytes(), 0);
-        assert_eq!((e.offset, e.epoch.as_deref(), e.ts), (Some(3), Some("zz"), 7));
+        assert_eq!(
+            (e.offset, e.epoch.as_deref(), e.ts),
+            (Some(3), Some("zz"), 7)
+        );
         assert_eq!(e.encode(), full);
     }
 

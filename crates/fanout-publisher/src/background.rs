@@ -87,7 +87,11 @@ impl BackgroundPublisher {
 
     /// Enqueues a job progress update; see [`Publisher::job_progress`].
     pub fn job_progress(&self, job_id: impl Display, pct: f64, message: Option<&str>) -> bool {
-        self.publish(&job_channel(job_id), "progress", &progress_data(pct, message))
+        self.publish(
+            &job_channel(job_id),
+            "progress",
+            &progress_data(pct, message),
+        )
     }
 
     /// Enqueues a job completion; see [`Publisher::job_completed`].

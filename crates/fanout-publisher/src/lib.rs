@@ -164,7 +164,8 @@ impl Publisher {
             .get(parsed.namespace())
             .copied()
             .unwrap_or(self.default_history);
-        self.publish_with_history(channel, event, data, policy).await
+        self.publish_with_history(channel, event, data, policy)
+            .await
     }
 
     /// Publishes with an explicit history policy (the edge passes its namespace's).
@@ -316,6 +317,9 @@ mod tests {
     #[test]
     fn script_sha_matches_redis() {
         // SHA1 of the script as Redis computes it for EVALSHA.
-        assert_eq!(sha1_hex("return 1"), "e0e1f9fabfc9d4800c877a703b823ac0578ff8db");
+        assert_eq!(
+            sha1_hex("return 1"),
+            "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"
+        );
     }
 }

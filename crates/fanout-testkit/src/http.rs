@@ -21,12 +21,18 @@ pub async fn http(
         "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     ));
-    stream.write_all(req.as_bytes()).await.expect("write request");
-    let mut raw = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut raw))
+    stream
+        .write_all(req.as_bytes())
         .await
-        .expect("response within 10 s")
-        .expect("read response");
+        .expect("write request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut raw),
+    )
+    .await
+    .expect("response within 10 s")
+    .expect("read response");
     let text = String::from_utf8_lossy(&raw);
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -34,8 +40,14 @@ pub async fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     (status, body)
 }
 

@@ -85,7 +85,10 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(["--appendonly", if self.options.appendonly { "yes" } else { "no" }])
+            .args([
+                "--appendonly",
+                if self.options.appendonly { "yes" } else { "no" },
+            ])
             .args(["--appendfsync", "always", "--logfile", "redis.log"])
             .args(&self.options.args)
             .stdin(Stdio::null())
@@ -95,8 +98,12 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
-                return Err(TestkitError::Start("redis-server", format!("exited with {status}: {log}")));
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                return Err(TestkitError::Start(
+                    "redis-server",
+                    format!("exited with {status}: {log}"),
+                ));
             }
             if ping(self.port) {
                 self.child = Some(child);
@@ -105,7 +112,10 @@ impl RedisServer {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(TestkitError::Start("redis-server", "no PONG within 10 s".into()));
+                return Err(TestkitError::Start(
+                    "redis-server",
+                    "no PONG within 10 s".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -96,7 +96,9 @@ impl WsClient {
     pub async fn next_within(&mut self, wait: Duration) -> Option<Incoming> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.stream.next()).await.ok()?;
+            let msg = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .ok()?;
             match msg {
                 None => {
                     return Some(Incoming::Closed {

@@ -68,11 +68,16 @@ impl RedisBroker {
                 match messages.recv().await {
                     Ok(message) => match message.value.as_bytes() {
                         Some(payload) => reader_sink.deliver(&message.channel, payload),
-                        None => tracing::warn!(channel = %message.channel, "non-bytes pub/sub payload ignored"),
+                        None => {
+                            tracing::warn!(channel = %message.channel, "non-bytes pub/sub payload ignored")
+                        }
                     },
                     Err(RecvError::Lagged(n)) => {
                         metrics::counter!(m::BROKER_LAGGED_MESSAGES_TOTAL).increment(n);
-                        tracing::error!(skipped = n, "node fell behind its Redis subscriber connection; messages skipped");
+                        tracing::error!(
+                            skipped = n,
+                            "node fell behind its Redis subscriber connection; messages skipped"
+                        );
                     }
                     Err(RecvError::Closed) => break,
                 }

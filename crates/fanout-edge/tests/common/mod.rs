@@ -31,7 +31,11 @@ pub fn token(user: &str, channels: &[&str]) -> String {
 }
 
 pub fn rs256_token(claims: Value) -> String {
-    let pem = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa-test-private.pem")).unwrap();
+    let pem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/rsa-test-private.pem"
+    ))
+    .unwrap();
     encode(
         &Header::new(Algorithm::RS256),
         &claims,
@@ -40,7 +44,10 @@ pub fn rs256_token(claims: Value) -> String {
     .unwrap()
 }
 
-pub const RSA_PUBLIC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rsa-test-public.pem");
+pub const RSA_PUBLIC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/rsa-test-public.pem"
+);
 
 /// Starts a node with the HS256 test secret, the test admin token and `extra` flags.
 pub async fn start(redis: Option<&str>, extra: &[&str]) -> Node {
@@ -74,7 +81,10 @@ pub enum Backend {
 impl Backend {
     /// Both backends: every delivery test runs against each.
     pub fn all() -> Vec<Backend> {
-        vec![Backend::Memory, Backend::Redis(RedisServer::start().expect("redis-server"))]
+        vec![
+            Backend::Memory,
+            Backend::Redis(RedisServer::start().expect("redis-server")),
+        ]
     }
 
     pub fn url(&self) -> Option<String> {
@@ -105,8 +115,14 @@ pub async fn connect(node: &Node, token: &str) -> WsClient {
 /// `POST /api/publish` with the admin token.
 pub async fn api_publish(node: &Node, channel: &str, data: Value) -> (u16, Value) {
     let body = json!({"channel": channel, "data": data}).to_string();
-    let (status, text) =
-        fanout_testkit::http(node.local_addr(), "POST", "/api/publish", Some(ADMIN), Some(&body)).await;
+    let (status, text) = fanout_testkit::http(
+        node.local_addr(),
+        "POST",
+        "/api/publish",
+        Some(ADMIN),
+        Some(&body),
+    )
+    .await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 

@@ -9,7 +9,11 @@ use fanout_publisher::{HistoryPolicy, Publisher};
 use serde_json::value::RawValue;
 
 #[derive(Parser)]
-#[command(name = "fanout-publish", version, about = "Publish one fanout message through Redis")]
+#[command(
+    name = "fanout-publish",
+    version,
+    about = "Publish one fanout message through Redis"
+)]
 struct Args {
     /// Redis URL (redis://, rediss://, redis-cluster://, redis-sentinel://).
     #[arg(long, env = "FANOUT_REDIS_URL")]
@@ -37,10 +41,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let data = RawValue::from_string(args.json.clone())
         .context("the message data (JSON argument) is not valid JSON")?;
-    let publisher = tokio::time::timeout(Duration::from_secs(10), Publisher::connect(&args.redis_url))
-        .await
-        .context("timed out connecting to Redis")?
-        .with_context(|| format!("cannot connect to {}", args.redis_url))?;
+    let publisher =
+        tokio::time::timeout(Duration::from_secs(10), Publisher::connect(&args.redis_url))
+            .await
+            .context("timed out connecting to Redis")?
+            .with_context(|| format!("cannot connect to {}", args.redis_url))?;
     let publisher = match (args.history_size, args.history_ttl) {
         (None, None) => publisher,
         (size, ttl) => {
@@ -49,7 +54,12 @@ async fn main() -> anyhow::Result<()> {
                 size: size.unwrap_or(d.size),
                 ttl: ttl.map(Duration::from_secs).unwrap_or(d.ttl),
             };
-            let ns = args.channel.split(':').next().unwrap_or_default().to_string();
+            let ns = args
+                .channel
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             publisher.with_history(&ns, policy)
         }
     };

@@ -1,0 +1,164 @@
+//! Behaviour that depends on Redis itself: one subscription per channel per node,
+//! resubscription after Redis restarts, and slow consumers (on both brokers).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fanout_testkit::{Incoming, RedisServer};
+use serde_json::json;
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn hundred_local_subscribers_make_one_redis_subscription() {
+    let redis = RedisServer::start().unwrap();
+    let node = start(Some(&redis.url()), &[]).await;
+    let t = token("1", &["chat:*"]);
+    let mut clients = Vec::new();
+    for _ in 0..100 {
+        let mut c = connect(&node, &t).await;
+        assert_eq!(c.subscribe(1, "chat:room").await["type"], "subscribed");
+        clients.push(c);
+    }
+    assert_eq!(redis.numsub("chat:room").unwrap(), 1);
+    // Every one of them gets a message published once.
+    let (status, _) = api_publish(&node, "chat:room", json!({"hello": 1})).await;
+    assert_eq!(status, 200);
+    for c in clients.iter_mut() {
+        assert_eq!(c.recv_type("message").await["data"], json!({"hello": 1}));
+    }
+    // 99 leave: still subscribed.
+    let last = clients.pop().unwrap();
+    for mut c in clients {
+        c.send(json!({"type":"unsubscribe","channel":"chat:room"}))
+            .await;
+        c.recv_type("unsubscribed").await;
+    }
+    assert_eq!(redis.numsub("chat:room").unwrap(), 1);
+    // The last one leaves by disconnecting: Redis has no subscriber left.
+    last.close().await;
+    wait_for("UNSUBSCRIBE", || redis.numsub("chat:room").unwrap() == 0).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscriptions_come_back_after_redis_restarts() {
+    let mut redis = RedisServer::start().unwrap();
+    let node = start(Some(&redis.url()), &[]).await;
+    let mut a = connect(&node, &token("42", &[])).await;
+    let mut b = connect(&node, &token("1", &["job_progress:*"])).await;
+    assert_eq!(a.subscribe(1, "user:42").await["type"], "subscribed");
+    assert_eq!(b.subscribe(1, "job_progress:7").await["type"], "subscribed");
+
+    redis.kill();
+    // While Redis is down, the node says so and sockets stay open.
+    let addr = node.local_addr();
+    let mut not_ready = false;
+    for _ in 0..100 {
+        let (s, _) = fanout_testkit::http(addr, "GET", "/readyz", None, None).await;
+        if s == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(not_ready, "/readyz stayed 200 with Redis down");
+    redis.restart().unwrap();
+
+    wait_for("resubscription", || {
+        redis.numsub("user:42").unwrap() == 1 && redis.numsub("job_progress:7").unwrap() == 1
+    })
+    .await;
+    // Raw PUBLISH from any language reaches the clients that never reconnected.
+    redis
+        .cli(&["PUBLISH", "user:42", r#"{"after":"restart"}"#])
+        .unwrap();
+    redis
+        .cli(&["PUBLISH", "job_progress:7", r#"{"pct":40}"#])
+        .unwrap();
+    let m = a.recv_type("message").await;
+    assert_eq!(m["data"], json!({"after": "restart"}));
+    assert!(
+        m.get("offset").is_none(),
+        "a raw PUBLISH carries no offset: {m}"
+    );
+    assert_eq!(b.recv_type("message").await["data"], json!({"pct": 40}));
+    let (s, _) = fanout_testkit::http(addr, "GET", "/readyz", None, None).await;
+    assert_eq!(s, 200);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
+    for backend in Backend::all() {
+        let cfg = config_file("[limits]\nqueue_messages = 32\n");
+        let node = start(
+            backend.url().as_deref(),
+            &["--config", cfg.to_str().unwrap()],
+        )
+        .await;
+        let t = token("5", &["chat:*"]);
+        let mut slow = connect(&node, &t).await;
+        let mut fast = connect(&node, &t).await;
+        assert_eq!(slow.subscribe(1, "chat:burst").await["type"], "subscribed");
+        assert_eq!(fast.subscribe(1, "chat:burst").await["type"], "subscribed");
+        // `slow` is never read while we publish; big messages fill the socket buffers,
+        // then its queue.
+        let blob = "x".repeat(32 * 1024);
+        let total = 600;
+        let publisher = tokio::spawn({
+            let addr = node.local_addr();
+            let blob = blob.clone();
+            async move {
+                for n in 0..total {
+                    let body =
+                        json!({"channel":"chat:burst","data":{"n":n,"blob":blob}}).to_string();
+                    let (s, b) = fanout_testkit::http(
+                        addr,
+                        "POST",
+                        "/api/publish",
+                        Some(ADMIN),
+                        Some(&body),
+                    )
+                    .await;
+                    assert_eq!(s, 200, "{b}");
+                }
+            }
+        });
+        // The reading client gets every message, in order, while `slow` reads nothing.
+        for n in 0..total {
+            let m = fast.recv_type("message").await;
+            assert_eq!(m["data"]["n"], n, "{}", backend.name());
+        }
+        publisher.await.unwrap();
+        // The slow client finds what was in flight, then the 4009 close.
+        let code = loop {
+            match slow.next().await {
+                Incoming::Frame(_) => continue,
+                Incoming::Closed { code, .. } => break code,
+            }
+        };
+        assert_eq!(code, Some(4009), "{}", backend.name());
+        let metrics = fanout_testkit::http(node.local_addr(), "GET", "/metrics", None, None)
+            .await
+            .1;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("fanout_slow_consumer_closes_total") && !l.ends_with(" 0")),
+            "{metrics}"
+        );
+        node.shutdown().await;
+    }
+}
