@@ -105,8 +105,11 @@ impl Principal {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
+    #[serde(default)]
     sub: String,
-    exp: u64,
+    // Optional here so that a missing `exp` is reported as such, not as malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     channels: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,7 +162,9 @@ impl Auth {
         let claims = self.verify(token)?;
         Ok(Principal {
             user: claims.sub,
-            exp: claims.exp,
+            exp: claims
+                .exp
+                .ok_or_else(|| AuthError::MissingClaim("exp".into()))?,
             channels: claims.channels,
         })
     }
@@ -225,7 +230,6 @@ impl Auth {
             validation.set_issuer(&[iss]);
         }
         jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
-            .map(|data| data.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -235,13 +239,20 @@ impl Auth {
                 ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
                 _ => AuthError::Malformed,
             })
+            .and_then(
+                |data| match (&data.claims.exp, data.claims.sub.is_empty()) {
+                    (None, _) => Err(AuthError::MissingClaim("exp".into())),
+                    (_, true) => Err(AuthError::MissingClaim("sub".into())),
+                    _ => Ok(data.claims),
+                },
+            )
     }
 
     /// Mints an HS256 token (dev mode only): 24 hours, for `user`, with `channels`.
     pub(crate) fn dev_token(&self, user: &str, secret: &str, channels: &[&str]) -> String {
         let claims = Claims {
             sub: user.to_string(),
-            exp: jsonwebtoken::get_current_timestamp() + 24 * 3600,
+            exp: Some(jsonwebtoken::get_current_timestamp() + 24 * 3600),
             channels: channels.iter().map(|s| s.to_string()).collect(),
             channel: None,
         };
@@ -390,6 +401,11 @@ mod tests {
         assert_eq!(
             a.verify_connection(&no_exp),
             Err(AuthError::MissingClaim("exp".into()))
+        );
+        let no_sub = hs(serde_json::json!({"exp":now()+60,"aud":"fanout"}), SECRET);
+        assert_eq!(
+            a.verify_connection(&no_sub),
+            Err(AuthError::MissingClaim("sub".into()))
         );
         assert_eq!(a.verify_connection("garbage"), Err(AuthError::Malformed));
         assert_eq!(a.verify_connection(""), Err(AuthError::Missing));

@@ -171,6 +171,11 @@ impl Node {
             connections: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
         });
+        // Every gauge exists from the start: an absent series cannot be alerted on.
+        metrics::gauge!(m::CONNECTIONS).set(0.0);
+        metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);
+        metrics::gauge!(m::CHANNELS).set(0.0);
+        metrics::gauge!(m::BROKER_UP).set(if shared.broker.is_ready() { 1.0 } else { 0.0 });
         let upkeep = shared.metrics.clone();
         let upkeep_stop = shutdown.clone();
         tracker.spawn(async move {

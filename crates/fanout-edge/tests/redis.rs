@@ -94,8 +94,20 @@ async fn subscriptions_come_back_after_redis_restarts() {
         "a raw PUBLISH carries no offset: {m}"
     );
     assert_eq!(b.recv_type("message").await["data"], json!({"pct": 40}));
-    let (s, _) = fanout_testkit::http(addr, "GET", "/readyz", None, None).await;
-    assert_eq!(s, 200);
+    // Both Redis connections are back (the command connection may still be in backoff).
+    let mut ready = false;
+    for _ in 0..150 {
+        if fanout_testkit::http(addr, "GET", "/readyz", None, None)
+            .await
+            .0
+            == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "/readyz did not return to 200 after Redis came back");
     node.shutdown().await;
 }
 
