@@ -128,16 +128,41 @@ async fn every_publisher_reaches_clients_on_every_node() {
     let (ma, _) = both_receive(&mut a, &mut b, json!({"via": "raw"})).await;
     assert!(ma.get("offset").is_none());
 
+    // 5. Another language running the documented script with plain EVAL.
+    let body = format!(
+        r#"{{"fanout": 1, "ts": {}, "event": "py", "data": {{"via": "eval"}}}}"#,
+        fanout_protocol::now_ms()
+    );
+    let reply = redis
+        .cli(&[
+            "EVAL",
+            fanout_protocol::layout::PUBLISH_SCRIPT,
+            "2",
+            "fanout:{user:42}:meta",
+            "fanout:{user:42}:history",
+            "user:42",
+            &body,
+            "100",
+            "3600",
+            "unusedepoch",
+            "0",
+        ])
+        .unwrap();
+    let (ma, _) = both_receive(&mut a, &mut b, json!({"via": "eval"})).await;
+    assert_eq!(ma["offset"], printed + 2, "{reply}");
+    assert_eq!(ma["epoch"], ack.epoch.as_str());
+    assert_eq!(ma["event"], "py");
+
     // The history layout is what docs/protocol.md says.
     assert_eq!(
         redis
             .cli(&["HGET", "fanout:{user:42}:meta", "offset"])
             .unwrap(),
-        (printed + 1).to_string()
+        (printed + 2).to_string()
     );
     assert_eq!(
         redis.cli(&["XLEN", "fanout:{user:42}:history"]).unwrap(),
-        "3"
+        "4"
     );
 
     // Nobody else got any of it.
