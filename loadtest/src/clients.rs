@@ -16,7 +16,10 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::Common;
 
 pub fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// What one client saw.
@@ -65,9 +68,14 @@ async fn open(url: &str, host: &str, port: u16, i: usize) -> anyhow::Result<Ws> 
 
 impl Fleet {
     pub async fn connect(c: &Common) -> anyhow::Result<Fleet> {
-        let parsed = c.url.strip_prefix("ws://").ok_or_else(|| anyhow!("--url must be ws://…"))?;
+        let parsed = c
+            .url
+            .strip_prefix("ws://")
+            .ok_or_else(|| anyhow!("--url must be ws://…"))?;
         let authority = parsed.split('/').next().unwrap_or(parsed);
-        let (host, port) = authority.rsplit_once(':').ok_or_else(|| anyhow!("--url needs a port"))?;
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("--url needs a port"))?;
         let port: u16 = port.parse().context("port")?;
         let (expected, expected_rx) = watch::channel(None);
         let gate = Arc::new(Semaphore::new(c.connect_concurrency.max(1)));
@@ -76,7 +84,11 @@ impl Fleet {
         for i in 0..c.clients {
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
             ready.push(ready_rx);
-            let url = format!("{}?token={}", c.url, token(&c.jwt_secret, &format!("lt-{i}"), &c.channel));
+            let url = format!(
+                "{}?token={}",
+                c.url,
+                token(&c.jwt_secret, &format!("lt-{i}"), &c.channel)
+            );
             let host = host.to_string();
             let channel = c.channel.clone();
             let gate = gate.clone();
@@ -91,8 +103,12 @@ impl Fleet {
                 let permit = gate.acquire_owned().await.expect("semaphore");
                 let ws = async {
                     let mut ws = open(&url, &host, port, i).await?;
-                    ws.send(Message::Text(json!({"type":"subscribe","id":1,"channel":channel}).to_string().into()))
-                        .await?;
+                    ws.send(Message::Text(
+                        json!({"type":"subscribe","id":1,"channel":channel})
+                            .to_string()
+                            .into(),
+                    ))
+                    .await?;
                     while let Some(msg) = ws.next().await {
                         if let Message::Text(t) = msg? {
                             let v: serde_json::Value = serde_json::from_str(&t)?;
@@ -180,7 +196,9 @@ impl Fleet {
             }
         }
         if failures > 0 {
-            return Err(anyhow!("{failures} clients failed to connect; first error: {first_error:?}"));
+            return Err(anyhow!(
+                "{failures} clients failed to connect; first error: {first_error:?}"
+            ));
         }
         Ok(Fleet { tasks, expected })
     }
@@ -207,7 +225,10 @@ impl Fleet {
             }
         }
         // Unblock any client still waiting.
-        drop(std::mem::replace(&mut self.expected, watch::channel(None).0));
+        drop(std::mem::replace(
+            &mut self.expected,
+            watch::channel(None).0,
+        ));
         out
     }
 }
@@ -222,7 +243,12 @@ pub async fn publish(c: &Common, total: u64) -> anyhow::Result<u64> {
     let api_addr: Option<SocketAddr> = match (&c.api, &publisher) {
         (Some(api), None) => {
             let authority = api.trim_start_matches("http://").trim_end_matches('/');
-            Some(tokio::net::lookup_host(authority).await?.next().ok_or_else(|| anyhow!("cannot resolve {api}"))?)
+            Some(
+                tokio::net::lookup_host(authority)
+                    .await?
+                    .next()
+                    .ok_or_else(|| anyhow!("cannot resolve {api}"))?,
+            )
         }
         _ => None,
     };
@@ -237,8 +263,14 @@ pub async fn publish(c: &Common, total: u64) -> anyhow::Result<u64> {
             }
             (None, Some(addr)) => {
                 let body = json!({"channel": c.channel, "data": data}).to_string();
-                let (status, text) =
-                    fanout_testkit::http(addr, "POST", "/api/publish", c.admin_token.as_deref(), Some(&body)).await;
+                let (status, text) = fanout_testkit::http(
+                    addr,
+                    "POST",
+                    "/api/publish",
+                    c.admin_token.as_deref(),
+                    Some(&body),
+                )
+                .await;
                 if status != 200 {
                     return Err(anyhow!("publish {seq}: HTTP {status}: {text}"));
                 }

@@ -88,9 +88,14 @@ async fn broadcast(c: Common) -> anyhow::Result<()> {
     }
     let cpu_before = c.server_pid.and_then(report::cpu_seconds);
     let started = Instant::now();
-    let mut fleet = clients::Fleet::connect(&c).await.context("connecting clients")?;
+    let mut fleet = clients::Fleet::connect(&c)
+        .await
+        .context("connecting clients")?;
     let connect_time = started.elapsed();
-    eprintln!("{} clients connected and subscribed in {:.2?}", c.clients, connect_time);
+    eprintln!(
+        "{} clients connected and subscribed in {:.2?}",
+        c.clients, connect_time
+    );
     let rss_connected = c.server_pid.and_then(report::rss_bytes);
 
     let total = c.rate as u64 * c.duration;

@@ -93,14 +93,29 @@ impl Report {
 
     pub fn print(&self) {
         let j = &self.json;
-        println!("scenario            {}", j["scenario"].as_str().unwrap_or(""));
+        println!(
+            "scenario            {}",
+            j["scenario"].as_str().unwrap_or("")
+        );
         println!("clients             {}", j["clients"]);
-        println!("connect (all)       {:.3} s", j["connect_seconds"].as_f64().unwrap_or(0.0));
-        println!("published           {} at {}/s", j["published"], j["rate_per_second"]);
-        println!("delivered/expected  {}/{}", j["delivered"], j["expected_deliveries"]);
+        println!(
+            "connect (all)       {:.3} s",
+            j["connect_seconds"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "published           {} at {}/s",
+            j["published"], j["rate_per_second"]
+        );
+        println!(
+            "delivered/expected  {}/{}",
+            j["delivered"], j["expected_deliveries"]
+        );
         println!("lost                {}", j["lost"]);
         println!("dup/reordered       {}", j["duplicates_or_reordered"]);
-        println!("deliveries/s        {:.0}", j["deliveries_per_second"].as_f64().unwrap_or(0.0));
+        println!(
+            "deliveries/s        {:.0}",
+            j["deliveries_per_second"].as_f64().unwrap_or(0.0)
+        );
         let l = &j["latency_ms"];
         println!(
             "latency ms          p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
@@ -111,7 +126,11 @@ impl Report {
             l["max"].as_f64().unwrap_or(0.0)
         );
         if let Some(rss) = j["server_rss_bytes_connected"].as_u64() {
-            println!("server RSS          {:.1} MiB ({} B per connection)", rss as f64 / 1048576.0, j["server_rss_bytes_per_connection"]);
+            println!(
+                "server RSS          {:.1} MiB ({} B per connection)",
+                rss as f64 / 1048576.0,
+                j["server_rss_bytes_per_connection"]
+            );
         }
         if let Some(cpu) = j["server_cpu_seconds"].as_f64() {
             println!("server CPU          {cpu:.2} s");

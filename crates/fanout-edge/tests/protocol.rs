@@ -426,3 +426,76 @@ async fn health_and_readiness() {
     assert!(b.contains("fanout_connections"), "{b}");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn es256_pem_and_jwks_keys() {
+    let claims = json!({"sub":"1","exp":now()+60});
+    let ec = start_args(&[
+        "fanout-edge",
+        "--listen",
+        "127.0.0.1:0",
+        "--jwt-public-key",
+        EC_PUBLIC,
+    ])
+    .await;
+    let mut c = WsClient::connect(&format!(
+        "{}?token={}",
+        ec.ws_url(),
+        es256_token(claims.clone())
+    ))
+    .await
+    .unwrap();
+    c.recv_type("connected").await;
+    // An RS256 token meets no RS256 key here.
+    let rs = rs256_token(claims.clone());
+    assert_eq!(
+        close_code_for(&format!("{}?token={rs}", ec.ws_url())).await,
+        Some(4001)
+    );
+    ec.shutdown().await;
+
+    let jwks = start_args(&["fanout-edge", "--listen", "127.0.0.1:0", "--jwt-jwks", JWKS]).await;
+    let good = rs256_token_kid(claims.clone(), Some("test-rsa-1"));
+    let mut c = WsClient::connect(&format!("{}?token={good}", jwks.ws_url()))
+        .await
+        .unwrap();
+    c.recv_type("connected").await;
+    let unknown = rs256_token_kid(claims.clone(), Some("rotated-away"));
+    assert_eq!(
+        close_code_for(&format!("{}?token={unknown}", jwks.ws_url())).await,
+        Some(4001)
+    );
+    let no_kid = rs256_token(claims);
+    assert_eq!(
+        close_code_for(&format!("{}?token={no_kid}", jwks.ws_url())).await,
+        Some(4001)
+    );
+    jwks.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_pings_reach_clients_and_silent_clients_are_dropped() {
+    let cfg = config_file("[limits]\nping_interval_secs = 1\n");
+    let node = start(None, &["--config", cfg.to_str().unwrap()]).await;
+    let mut live = connect(&node, &token("1", &[])).await;
+    let mut silent = connect(&node, &token("2", &[])).await;
+    // `live` keeps reading (and so answers pings); `silent` is never polled.
+    let until = tokio::time::Instant::now() + Duration::from_millis(8_500);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(live.next_within(Duration::from_millis(250)).await, None);
+    }
+    assert!(
+        live.pings() >= 7,
+        "only {} server pings in 8.5 s",
+        live.pings()
+    );
+    live.send(json!({"type":"ping","id":1})).await;
+    assert_eq!(live.recv_type("pong").await["id"], 1);
+    // Two intervals + 5 s without a word from `silent`: the server dropped it, without a
+    // close frame (a peer that does not read would not get one).
+    match silent.next().await {
+        Incoming::Closed { code, .. } => assert_eq!(code, None),
+        Incoming::Frame(f) => panic!("expected the connection to be gone, got {f}"),
+    }
+    node.shutdown().await;
+}

@@ -23,6 +23,7 @@ pub enum Incoming {
 pub struct WsClient {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     msgpack: bool,
+    pings: usize,
 }
 
 impl WsClient {
@@ -56,7 +57,11 @@ impl WsClient {
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-        Ok(WsClient { stream, msgpack })
+        Ok(WsClient {
+            stream,
+            msgpack,
+            pings: 0,
+        })
     }
 
     /// Sends a JSON frame (MessagePack when connected with `fanout.msgpack`).
@@ -128,9 +133,19 @@ impl WsClient {
                         reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
                     })
                 }
-                Some(Ok(_)) => continue, // ping/pong
+                Some(Ok(Message::Ping(_))) => {
+                    // tungstenite answers with a pong on the next read or write.
+                    self.pings += 1;
+                    continue;
+                }
+                Some(Ok(_)) => continue,
             }
         }
+    }
+
+    /// WebSocket pings received from the server so far.
+    pub fn pings(&self) -> usize {
+        self.pings
     }
 
     /// The next frame, which must not be a close.

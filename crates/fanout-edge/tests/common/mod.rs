@@ -30,24 +30,41 @@ pub fn token(user: &str, channels: &[&str]) -> String {
     token_with(json!({"sub": user, "exp": now() + 3600, "channels": channels}))
 }
 
-pub fn rs256_token(claims: Value) -> String {
-    let pem = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/rsa-test-private.pem"
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
     ))
-    .unwrap();
-    encode(
-        &Header::new(Algorithm::RS256),
-        &claims,
-        &EncodingKey::from_rsa_pem(&pem).unwrap(),
-    )
     .unwrap()
+}
+
+/// An RS256 token signed with the test RSA key, with an optional `kid`.
+pub fn rs256_token_kid(claims: Value, kid: Option<&str>) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = kid.map(str::to_string);
+    let key = EncodingKey::from_rsa_pem(&fixture("rsa-test-private.pem")).unwrap();
+    encode(&header, &claims, &key).unwrap()
+}
+
+pub fn rs256_token(claims: Value) -> String {
+    rs256_token_kid(claims, None)
+}
+
+/// An ES256 token signed with the test P-256 key.
+pub fn es256_token(claims: Value) -> String {
+    let key = EncodingKey::from_ec_pem(&fixture("ec-test-private.pem")).unwrap();
+    encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
 }
 
 pub const RSA_PUBLIC: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/rsa-test-public.pem"
 );
+pub const EC_PUBLIC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/ec-test-public.pem"
+);
+pub const JWKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwks.json");
 
 /// Starts a node with the HS256 test secret, the test admin token and `extra` flags.
 pub async fn start(redis: Option<&str>, extra: &[&str]) -> Node {
