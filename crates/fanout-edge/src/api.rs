@@ -51,10 +51,10 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
     let result = match authorize(&req, &shared) {
         Err(e) => Err(e),
         Ok(()) => match endpoint {
-            "publish" => publish(req, &shared).await,
+            "publish" => publish(req, &shared).await.map(ok),
             "broadcast" => broadcast(req, &shared).await,
-            "disconnect" => disconnect(req, &shared).await,
-            "stats" => Ok(stats(&shared)),
+            "disconnect" => disconnect(req, &shared).await.map(ok),
+            "stats" => Ok(ok(stats(&shared))),
             _ => Err(ApiError::new(
                 ErrorCode::BadRequest,
                 "no such endpoint or method",
@@ -62,7 +62,7 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
         },
     };
     let response = match result {
-        Ok(body) => json(StatusCode::OK, &body),
+        Ok((status, body)) => json(status, &body),
         Err(e) => {
             let status = if endpoint == "unknown" && e.code == ErrorCode::BadRequest {
                 StatusCode::NOT_FOUND
@@ -79,6 +79,10 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
     metrics::counter!(m::API_REQUESTS_TOTAL, "endpoint" => endpoint, "status" => response.status().as_str().to_string())
         .increment(1);
     response
+}
+
+fn ok(body: serde_json::Value) -> (StatusCode, serde_json::Value) {
+    (StatusCode::OK, body)
 }
 
 fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), ApiError> {
@@ -165,7 +169,12 @@ struct BroadcastBody {
     event: Option<String>,
 }
 
-async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+/// 200 when every channel was published; otherwise 503 with the same per-channel
+/// results, so a retry can skip what was published.
+async fn broadcast(
+    req: Request<Incoming>,
+    shared: &Shared,
+) -> Result<(StatusCode, serde_json::Value), ApiError> {
     let b: BroadcastBody = body(req, shared).await?;
     if b.channels.is_empty() || b.channels.len() > 1000 {
         return Err(ApiError::new(
@@ -181,13 +190,31 @@ async fn broadcast(req: Request<Incoming>, shared: &Shared) -> Result<serde_json
             .parse(c)
             .map_err(|r| ApiError::new(r.code, format!("{c}: {}", r.message)))?;
     }
+    // Every channel is attempted; the answer says per channel what happened, so that a
+    // retry can skip what was published.
     let mut results = Vec::with_capacity(b.channels.len());
+    let mut failed = 0;
     for c in &b.channels {
-        let mut r = publish_one(shared, c, b.event.as_deref(), &b.data).await?;
-        r["channel"] = c.clone().into();
-        results.push(r);
+        match publish_one(shared, c, b.event.as_deref(), &b.data).await {
+            Ok(mut r) => {
+                r["channel"] = c.clone().into();
+                results.push(r);
+            }
+            Err(e) => {
+                failed += 1;
+                results.push(serde_json::json!({"channel": c, "error": {"code": e.code.as_str(), "message": e.message}}));
+            }
+        }
     }
-    Ok(serde_json::json!({"results": results}))
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        status,
+        serde_json::json!({"results": results, "failed": failed}),
+    ))
 }
 
 #[derive(Deserialize)]

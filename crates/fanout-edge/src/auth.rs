@@ -49,6 +49,8 @@ pub enum AuthError {
     OtherUser,
     #[error("subscription token is for another channel")]
     OtherChannel,
+    #[error("a subscription token cannot open a connection")]
+    SubscriptionTokenAsConnection,
 }
 
 impl AuthError {
@@ -82,6 +84,7 @@ impl AuthError {
             AuthError::MissingClaim(_) => "missing_claim",
             AuthError::OtherUser => "other_user",
             AuthError::OtherChannel => "other_channel",
+            AuthError::SubscriptionTokenAsConnection => "subscription_token",
         }
     }
 }
@@ -160,6 +163,10 @@ impl Auth {
     /// Verifies a connection token.
     pub fn verify_connection(&self, token: &str) -> Result<Principal, AuthError> {
         let claims = self.verify(token)?;
+        // A token scoped to one channel must not open a connection as its user.
+        if claims.channel.is_some() {
+            return Err(AuthError::SubscriptionTokenAsConnection);
+        }
         Ok(Principal {
             user: claims.sub,
             exp: claims
@@ -449,6 +456,10 @@ mod tests {
         assert_eq!(
             a.verify_subscription(&other, &p, "job_progress:7"),
             Err(AuthError::OtherUser)
+        );
+        assert_eq!(
+            a.verify_connection(&t),
+            Err(AuthError::SubscriptionTokenAsConnection)
         );
     }
 }

@@ -225,6 +225,11 @@ impl Settings {
                         "`{scheme}://` is not one of redis://, rediss://, redis-cluster://, redis-sentinel://"
                     )));
                 }
+                if scheme == "redis-cluster" {
+                    return Err(ConfigError::RedisUrl(
+                        "redis-cluster:// (sharded pub/sub) is not supported by this version; use redis://, rediss:// or redis-sentinel://".into(),
+                    ));
+                }
                 fred::types::config::Config::from_url(url)
                     .map_err(|e| ConfigError::RedisUrl(e.details().to_string()))?;
                 BrokerSettings::Redis {
@@ -472,6 +477,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("FANOUT_ADMIN_TOKEN"), "{e}");
+        let e = parse(&[
+            "--redis-url",
+            "redis-cluster://127.0.0.1:7000,127.0.0.1:7001",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not supported"), "{e}");
         let e = parse(&["--allowed-origins", "app.example.com"])
             .unwrap_err()
             .to_string();

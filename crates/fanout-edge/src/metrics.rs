@@ -26,6 +26,7 @@ pub const PUBLISHES_TOTAL: &str = "fanout_publishes_total";
 pub const PUBSUB_LAG_SECONDS: &str = "fanout_pubsub_lag_seconds";
 pub const BROKER_SUBSCRIBE_SECONDS: &str = "fanout_broker_subscribe_seconds";
 pub const API_REQUESTS_TOTAL: &str = "fanout_api_requests_total";
+pub const INTERNAL_ERRORS_TOTAL: &str = "fanout_internal_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -146,6 +147,11 @@ fn describe() {
         BROKER_SUBSCRIBE_SECONDS,
         Unit::Seconds,
         "Time to subscribe a batch of channels at the broker."
+    );
+    describe_counter!(
+        INTERNAL_ERRORS_TOTAL,
+        Unit::Count,
+        "Bugs caught at run time (a contained panic), by place; each is also logged at error."
     );
     describe_counter!(
         API_REQUESTS_TOTAL,

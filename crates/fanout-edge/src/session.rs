@@ -20,8 +20,10 @@ use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Principal};
+use crate::broker::BrokerError;
 use crate::hub::{Control, Outbox, SessionId, Subscriber};
 use crate::metrics as m;
 use crate::node::Shared;
@@ -65,6 +67,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
         outbox_rx,
         pongs_rx,
         control.clone(),
+        shared.shutdown.clone(),
         handshake.codec,
         shared.settings.limits.ping_interval(),
     ));
@@ -84,6 +87,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
             shared.settings.limits.message_burst,
         ),
         strikes: 0,
+        last_strike: std::time::Instant::now(),
     };
     if let Some(code) = handshake.refuse {
         control.close(code);
@@ -92,11 +96,21 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
     }
     session.read_loop(&mut reader, pongs_tx).await;
     session.cleanup();
-    let _ = writer_task.await;
-    let code = control
-        .close_frame()
-        .map(|(c, _)| c.to_string())
-        .unwrap_or_else(|| "none".into());
+    // The writer ends within two grace periods of the cancel; never wait longer.
+    let abort = writer_task.abort_handle();
+    if tokio::time::timeout(CLOSE_GRACE * 3, writer_task)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    // Label by known codes only: a client's own close code must not mint new series.
+    let code = match control.close_frame().map(|(c, _)| *c) {
+        None if shared.shutdown.is_cancelled() => "1001".to_string(),
+        None => "none".to_string(),
+        Some(c) if c == 1000 || CloseCode::from_u16(c).is_some() => c.to_string(),
+        Some(_) => "other".to_string(),
+    };
     metrics::counter!(m::DISCONNECTS_TOTAL, "code" => code.clone()).increment(1);
     tracing::debug!(session = id, %code, "connection closed");
 }
@@ -112,6 +126,7 @@ struct Session {
     channels: HashMap<Arc<str>, ()>,
     bucket: TokenBucket,
     strikes: u32,
+    last_strike: std::time::Instant,
 }
 
 enum Read {
@@ -218,12 +233,18 @@ impl Session {
             match read {
                 Read::Nothing => {}
                 Read::Ping(payload) => {
-                    let _ = pongs.try_send(Bytes::from(payload));
+                    // WebSocket pings count against the same rate limit as frames.
+                    if self.admit_frame() {
+                        let _ = pongs.try_send(Bytes::from(payload));
+                    }
                 }
                 Read::Close(code) => {
-                    // Echo the client's close and end.
-                    self.control
-                        .close_raw(if code == 1005 { 1000 } else { code }, String::new());
+                    // Echo the client's close (a code a client may not send: 1002).
+                    let echo = match code {
+                        1000..=1003 | 1007..=1011 | 3000..=4999 => code,
+                        _ => CloseCode::ProtocolError.code(),
+                    };
+                    self.control.close_raw(echo, String::new());
                     return;
                 }
                 Read::Message(bytes, binary) => {
@@ -245,18 +266,33 @@ impl Session {
             return Instant::now() + Duration::from_secs(3600);
         };
         let now = jsonwebtoken::get_current_timestamp();
-        Instant::now() + Duration::from_secs(p.exp.saturating_sub(now))
+        // Capped: a far-future `exp` must not overflow the clock.
+        let left = p.exp.saturating_sub(now).min(10 * 365 * 24 * 3600);
+        Instant::now() + Duration::from_secs(left)
+    }
+
+    /// Takes a token for one client frame. Without one: `rate_limited`, and after
+    /// `rate_limit_strikes` refusals with no quiet 10 s between them, close 4008.
+    fn admit_frame(&mut self) -> bool {
+        if self.bucket.take() {
+            return true;
+        }
+        if self.last_strike.elapsed() > Duration::from_secs(10) {
+            self.strikes = 0;
+        }
+        self.last_strike = std::time::Instant::now();
+        self.strikes += 1;
+        if self.strikes > self.shared.settings.limits.rate_limit_strikes {
+            tracing::info!(session = self.id, "client kept flooding; closing with 4008");
+            self.control.close(CloseCode::RateLimited);
+        } else {
+            self.error(None, ErrorCode::RateLimited, "too many frames; slow down");
+        }
+        false
     }
 
     async fn on_message(&mut self, bytes: &[u8], binary: bool) {
-        if !self.bucket.take() {
-            self.strikes += 1;
-            if self.strikes > self.shared.settings.limits.rate_limit_strikes {
-                tracing::info!(session = self.id, "client kept flooding; closing with 4008");
-                self.control.close(CloseCode::RateLimited);
-            } else {
-                self.error(None, ErrorCode::RateLimited, "too many frames; slow down");
-            }
+        if !self.admit_frame() {
             return;
         }
         let codec = if binary { Codec::MsgPack } else { Codec::Json };
@@ -407,8 +443,13 @@ impl Session {
             );
         }
         let channel: Arc<str> = Arc::from(name);
-        if let Err(e) = shared.subscriptions.acquire(channel.clone()).await {
-            return self.error(id, ErrorCode::Unavailable, &e.to_string());
+        if let Err(error) = shared.subscriptions.acquire(channel.clone()).await {
+            tracing::warn!(session = self.id, %error, "broker subscribe failed");
+            return self.error(
+                id,
+                ErrorCode::Unavailable,
+                "the broker is unavailable; retry shortly",
+            );
         }
         // `subscribed` goes into the queue before the session joins the hub, so that it
         // precedes every message of the channel.
@@ -487,7 +528,16 @@ impl Session {
                     extra: Some(&extra),
                 });
             }
-            Err(e) => self.error(id, ErrorCode::Unavailable, &e.to_string()),
+            Err(BrokerError::Invalid(message)) => self.error(id, ErrorCode::BadRequest, &message),
+            Err(error) => {
+                // Broker details (hosts, errors) stay in the log.
+                tracing::warn!(session = self.id, %error, "client publish failed");
+                self.error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable; retry shortly",
+                )
+            }
         }
     }
 
@@ -544,6 +594,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut outbox: mpsc::Receiver<Bytes>,
     mut pongs: mpsc::Receiver<Bytes>,
     control: Arc<Control>,
+    node_shutdown: CancellationToken,
     codec: Codec,
     ping_interval: Duration,
 ) {
@@ -552,16 +603,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let result: Result<(), WebSocketError> = tokio::select! {
             biased;
             _ = control.cancelled() => {
-                if let Some((code, reason)) = control.close_frame() {
+                // A connection ended by the node's shutdown says 1001 even if nobody
+                // asked for a code (e.g. it had not authenticated yet).
+                let close = control.close_frame().cloned().or_else(|| {
+                    node_shutdown
+                        .is_cancelled()
+                        .then(|| (CloseCode::GoingAway.code(), CloseCode::GoingAway.reason().to_string()))
+                });
+                if let Some((code, reason)) = close {
                     let _ = tokio::time::timeout(CLOSE_GRACE, async {
                         // What is already queued (replies, messages) goes out before the
                         // close frame; not for a slow consumer, whose queue is the problem.
-                        if *code != CloseCode::SlowConsumer.code() {
+                        if code != CloseCode::SlowConsumer.code() {
                             while let Ok(next) = outbox.try_recv() {
                                 ws.write_frame(data_frame(codec, &next)).await?;
                             }
                         }
-                        ws.write_frame(Frame::close(*code, reason.as_bytes())).await?;
+                        ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
                         ws.flush().await
                     })
                     .await;
@@ -569,39 +627,45 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 return;
             }
             Some(payload) = pongs.recv() => {
-                match ws.write_frame(Frame::pong(Payload::Borrowed(&payload))).await {
-                    Ok(()) => ws.flush().await,
-                    Err(e) => Err(e),
-                }
+                guarded(&control, async {
+                    ws.write_frame(Frame::pong(Payload::Borrowed(&payload))).await?;
+                    ws.flush().await
+                })
+                .await
             }
             _ = ping.tick() => {
-                match ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await {
-                    Ok(()) => ws.flush().await,
-                    Err(e) => Err(e),
-                }
+                guarded(&control, async {
+                    ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
+                    ws.flush().await
+                })
+                .await
             }
             frame = outbox.recv() => {
                 let Some(first) = frame else { return };
-                let burst = write_burst(&mut ws, &mut outbox, first, codec);
-                tokio::pin!(burst);
-                tokio::select! {
-                    r = &mut burst => r,
-                    _ = control.cancelled() => {
-                        // Closed while a write is stuck on a client that does not read:
-                        // give it a grace period to take the rest of the burst (then the
-                        // loop sends the close frame), else drop the connection.
-                        match tokio::time::timeout(CLOSE_GRACE, &mut burst).await {
-                            Ok(r) => r,
-                            Err(_) => return,
-                        }
-                    }
-                }
+                guarded(&control, write_burst(&mut ws, &mut outbox, first, codec)).await
             }
         };
         if result.is_err() {
             control.abort();
             return;
         }
+    }
+}
+
+/// Runs a write. If the connection is closed meanwhile (a write stuck on a client that
+/// does not read), the write gets [`CLOSE_GRACE`] to finish — then the loop sends the
+/// close frame — or the connection is dropped. So the writer can never hang.
+async fn guarded(
+    control: &Control,
+    write: impl std::future::Future<Output = Result<(), WebSocketError>>,
+) -> Result<(), WebSocketError> {
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => r,
+        _ = control.cancelled() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
+            Ok(r) => r,
+            Err(_) => Err(WebSocketError::ConnectionClosed),
+        },
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,6 +15,10 @@ use crate::metrics as m;
 
 /// Largest number of channels in one SUBSCRIBE / UNSUBSCRIBE.
 const BATCH: usize = 512;
+
+/// Backoff between retries of failed subscriptions.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 type Reply = oneshot::Sender<Result<(), BrokerError>>;
 
@@ -68,13 +72,22 @@ pub(crate) async fn run(
     let mut refs: HashMap<Arc<str>, usize> = HashMap::new();
     let mut subscribed: HashSet<Arc<str>> = HashSet::new();
     let mut commands = Vec::with_capacity(BATCH);
+    // Channels wanted but not subscribed because the broker refused or timed out: tried
+    // again with capped exponential backoff, so no subscriber is left silently deaf.
+    let mut retry: HashSet<Arc<str>> = HashSet::new();
+    let mut backoff = RETRY_MIN;
     loop {
-        let received = tokio::select! {
+        let retry_due = !retry.is_empty();
+        tokio::select! {
             _ = stop.cancelled() => return,
-            n = rx.recv_many(&mut commands, BATCH) => n,
-        };
-        if received == 0 {
-            return;
+            n = rx.recv_many(&mut commands, BATCH) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(backoff), if retry_due => {
+                tracing::info!(channels = retry.len(), "retrying broker subscriptions");
+            }
         }
         let mut waiting: Vec<(Arc<str>, Reply)> = Vec::new();
         let mut touched: Vec<Arc<str>> = Vec::new();
@@ -103,6 +116,7 @@ pub(crate) async fn run(
             subscribed.clear();
             touched.extend(refs.keys().cloned());
         }
+        touched.extend(retry.drain());
         let mut to_subscribe: Vec<Arc<str>> = Vec::new();
         let mut to_unsubscribe: Vec<Arc<str>> = Vec::new();
         let mut seen = HashSet::new();
@@ -133,6 +147,7 @@ pub(crate) async fn run(
                     for c in chunk {
                         failed.insert(c.clone(), error.clone());
                     }
+                    retry.extend(chunk.iter().cloned());
                 }
             }
         }
@@ -162,6 +177,13 @@ pub(crate) async fn run(
             };
             let _ = reply.send(result);
         }
+        // Only channels somebody still wants are worth retrying.
+        retry.retain(|c| refs.contains_key(c));
+        backoff = if retry.is_empty() {
+            RETRY_MIN
+        } else {
+            (backoff * 2).min(RETRY_MAX)
+        };
         metrics::gauge!(m::CHANNELS).set(subscribed.len() as f64);
     }
 }

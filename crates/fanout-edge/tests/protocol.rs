@@ -275,6 +275,7 @@ async fn limits_on_subscriptions_and_flooding() {
     let close = loop {
         match c.next().await {
             Incoming::Frame(f) => codes.push(f["code"].as_str().unwrap_or("pong").to_string()),
+            Incoming::Raw(r) => panic!("unexpected {r}"),
             Incoming::Closed { code, .. } => break code,
         }
     };
@@ -495,7 +496,118 @@ async fn server_pings_reach_clients_and_silent_clients_are_dropped() {
     // close frame (a peer that does not read would not get one).
     match silent.next().await {
         Incoming::Closed { code, .. } => assert_eq!(code, None),
-        Incoming::Frame(f) => panic!("expected the connection to be gone, got {f}"),
+        other => panic!("expected the connection to be gone, got {other:?}"),
     }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscription_token_cannot_open_a_connection() {
+    let node = start(None, &[]).await;
+    let sub = token_with(json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}));
+    assert_eq!(
+        close_code_for(&format!("{}?token={sub}", node.ws_url())).await,
+        Some(4001)
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_close_codes_are_echoed_only_when_valid() {
+    let node = start(None, &[]).await;
+    let mut c = connect(&node, &token("1", &[])).await;
+    c.send_close(4321).await;
+    assert_eq!(c.expect_close().await, Some(4321));
+    let mut c = connect(&node, &token("1", &[])).await;
+    c.send_close(2999).await;
+    assert_eq!(c.expect_close().await, Some(1002));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_socket_with_1001_even_before_auth() {
+    let node = start(None, &[]).await;
+    let mut authed = connect(&node, &token("1", &[])).await;
+    let mut anonymous = WsClient::connect(&node.ws_url()).await.unwrap();
+    // Let the anonymous upgrade finish before shutting down.
+    authed.send(json!({"type":"ping","id":1})).await;
+    authed.recv_type("pong").await;
+    let stop = tokio::spawn(node.shutdown());
+    assert_eq!(authed.expect_close().await, Some(1001));
+    assert_eq!(anonymous.expect_close().await, Some(1001));
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn data_too_deep_for_a_value_still_reaches_msgpack_clients() {
+    for backend in Backend::all() {
+        let node = start(backend.url().as_deref(), &[]).await;
+        let url = format!("{}?token={}", node.ws_url(), token("7", &[]));
+        let mut mp = WsClient::connect_with(&url, &[("Sec-WebSocket-Protocol", "fanout.msgpack")])
+            .await
+            .unwrap();
+        mp.recv_type("connected").await;
+        assert_eq!(mp.subscribe(1, "user:7").await["type"], "subscribed");
+        let mut js = connect(&node, &token("7", &[])).await;
+        assert_eq!(js.subscribe(1, "user:7").await["type"], "subscribed");
+        let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+        let body = format!(r#"{{"channel":"user:7","data":{deep}}}"#);
+        let (s, b) = fanout_testkit::http(
+            node.local_addr(),
+            "POST",
+            "/api/publish",
+            Some(ADMIN),
+            Some(&body),
+        )
+        .await;
+        assert_eq!(s, 200, "{}: {b}", backend.name());
+        let m = mp.recv_type("message").await;
+        assert_eq!(m["data_encoding"], "json");
+        assert_eq!(m["data"], json!(deep));
+        // The node is unharmed: the next message flows to both.
+        api_publish(&node, "user:7", json!({"after": 1})).await;
+        assert_eq!(mp.recv_type("message").await["data"], json!({"after": 1}));
+        // JSON subscribers get the data verbatim (deeper than serde_json parses by default).
+        match js.next().await {
+            Incoming::Raw(text) => assert!(text.contains(&deep), "{text}"),
+            other => panic!("expected the deep frame, got {other:?}"),
+        }
+        assert_eq!(js.recv_type("message").await["data"], json!({"after": 1}));
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn broadcast_publishes_every_channel_or_none_when_one_is_invalid() {
+    let node = start(None, &[]).await;
+    let mut a = connect(&node, &token("1", &[])).await;
+    let mut b = connect(&node, &token("2", &[])).await;
+    assert_eq!(a.subscribe(1, "user:1").await["type"], "subscribed");
+    assert_eq!(b.subscribe(1, "user:2").await["type"], "subscribed");
+    let addr = node.local_addr();
+    let (s, body) = fanout_testkit::http(
+        addr,
+        "POST",
+        "/api/broadcast",
+        Some(ADMIN),
+        Some(r#"{"channels":["user:1","not a channel"],"data":{"x":1}}"#),
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    assert_eq!(a.next_within(Duration::from_millis(200)).await, None);
+    let (s, body) = fanout_testkit::http(
+        addr,
+        "POST",
+        "/api/broadcast",
+        Some(ADMIN),
+        Some(r#"{"channels":["user:1","user:2"],"data":{"x":2},"event":"note"}"#),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["results"][1]["channel"], "user:2");
+    assert_eq!(a.recv_type("message").await["data"], json!({"x": 2}));
+    assert_eq!(b.recv_type("message").await["event"], "note");
     node.shutdown().await;
 }

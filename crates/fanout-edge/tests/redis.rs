@@ -157,7 +157,7 @@ async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
         // The slow client finds what was in flight, then the 4009 close.
         let code = loop {
             match slow.next().await {
-                Incoming::Frame(_) => continue,
+                Incoming::Frame(_) | Incoming::Raw(_) => continue,
                 Incoming::Closed { code, .. } => break code,
             }
         };

@@ -155,13 +155,22 @@ impl Envelope {
             Codec::Json => codec.encode(&frame),
             Codec::MsgPack => {
                 // RawValue only serializes as itself into JSON: go through a Value once.
-                let data: serde_json::Value =
-                    serde_json::from_str(self.data.get()).expect("envelope data is valid JSON");
+                // Data nested deeper than serde_json's limit (128) cannot become a Value;
+                // it is sent as its JSON text, flagged with `data_encoding: "json"`.
+                let (data, data_encoding) = match serde_json::from_str(self.data.get()) {
+                    Ok(value) => (value, None),
+                    Err(_) => (
+                        serde_json::Value::String(self.data.get().to_string()),
+                        Some("json"),
+                    ),
+                };
                 #[derive(Serialize)]
                 struct MsgPackMessage<'a> {
                     r#type: &'static str,
                     channel: &'a str,
                     data: serde_json::Value,
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    data_encoding: Option<&'static str>,
                     #[serde(skip_serializing_if = "Option::is_none")]
                     offset: Option<u64>,
                     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +183,7 @@ impl Envelope {
                     r#type: "message",
                     channel,
                     data,
+                    data_encoding,
                     offset: self.offset,
                     epoch: self.epoch.as_deref(),
                     event: self.event.as_deref(),
@@ -247,6 +257,21 @@ mod tests {
         let mp: serde_json::Value =
             rmp_serde::from_slice(&e.encode_message("user:1", Codec::MsgPack)).unwrap();
         assert_eq!(mp, expected);
+    }
+
+    #[test]
+    fn deeply_nested_data_never_panics() {
+        let deep = format!("{}{}", "[".repeat(500), "]".repeat(500));
+        let e = Envelope::decode(deep.as_bytes(), 0);
+        assert_eq!(e.data.get(), deep);
+        // JSON subscribers get the data verbatim (the frame is valid JSON, just deeper
+        // than serde_json's own default parse limit).
+        let raw = e.encode_message("c:1", Codec::Json);
+        assert!(std::str::from_utf8(&raw).unwrap().contains(&deep));
+        let mp: serde_json::Value =
+            rmp_serde::from_slice(&e.encode_message("c:1", Codec::MsgPack)).unwrap();
+        assert_eq!(mp["data_encoding"], "json");
+        assert_eq!(mp["data"], json!(deep));
     }
 
     #[test]

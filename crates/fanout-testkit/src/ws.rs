@@ -17,7 +17,13 @@ const WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming {
     Frame(Value),
-    Closed { code: Option<u16>, reason: String },
+    /// A text frame serde_json will not parse into a `Value` (e.g. nested deeper than
+    /// its limit of 128), as received.
+    Raw(String),
+    Closed {
+        code: Option<u16>,
+        reason: String,
+    },
 }
 
 pub struct WsClient {
@@ -118,9 +124,10 @@ impl WsClient {
                     })
                 }
                 Some(Ok(Message::Text(t))) => {
-                    return Some(Incoming::Frame(
-                        serde_json::from_str(&t).expect("server sent invalid JSON"),
-                    ))
+                    return Some(match serde_json::from_str(&t) {
+                        Ok(v) => Incoming::Frame(v),
+                        Err(_) => Incoming::Raw(t.to_string()),
+                    })
                 }
                 Some(Ok(Message::Binary(b))) => {
                     return Some(Incoming::Frame(
@@ -152,7 +159,7 @@ impl WsClient {
     pub async fn recv(&mut self) -> Value {
         match self.next().await {
             Incoming::Frame(v) => v,
-            closed => panic!("expected a frame, got {closed:?}"),
+            other => panic!("expected a frame, got {other:?}"),
         }
     }
 
@@ -168,7 +175,7 @@ impl WsClient {
         loop {
             match self.next().await {
                 Incoming::Closed { code, .. } => return code,
-                Incoming::Frame(_) => continue,
+                Incoming::Frame(_) | Incoming::Raw(_) => continue,
             }
         }
     }
@@ -178,6 +185,17 @@ impl WsClient {
         self.send(serde_json::json!({"type":"subscribe","id":id,"channel":channel}))
             .await;
         self.recv().await
+    }
+
+    /// Sends a close frame with `code` (any number, valid or not) and no reason.
+    pub async fn send_close(&mut self, code: u16) {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        };
+        let _ = self.stream.send(Message::Close(Some(frame))).await;
     }
 
     /// Closes the connection from the client side.

@@ -60,8 +60,20 @@ impl BrokerSink {
         BrokerSink { hub, subscriptions }
     }
 
-    /// One message from the broker: decoded once, dispatched to local subscribers.
+    /// One message from the broker: decoded once, dispatched to local subscribers. A
+    /// bug on this path is contained to this one message (logged and counted), so it
+    /// can never stop delivery for the whole node.
     pub fn deliver(&self, channel: &str, payload: &[u8]) {
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.deliver_inner(channel, payload)
+        }));
+        if delivered.is_err() {
+            metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "deliver").increment(1);
+            tracing::error!(%channel, bytes = payload.len(), "bug: delivering a message panicked; this message was not delivered by this node");
+        }
+    }
+
+    fn deliver_inner(&self, channel: &str, payload: &[u8]) {
         let now = fanout_protocol::now_ms();
         let envelope = Envelope::decode(payload, now);
         metrics::counter!(m::BROKER_MESSAGES_TOTAL).increment(1);
