@@ -37,7 +37,8 @@ pub struct Envelope {
 #[derive(Deserialize)]
 struct Wire<'a> {
     fanout: Option<u32>,
-    #[serde(borrow)]
+    // Present-but-null must stay data (`null`), not read as "absent".
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     #[serde(default)]
     event: Option<String>,
@@ -56,6 +57,10 @@ struct Body<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     event: Option<&'a str>,
     data: &'a RawValue,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 impl Envelope {
@@ -210,6 +215,15 @@ mod tests {
         assert_eq!(e.event.as_deref(), Some("progress"));
         assert_eq!(e.ts, 5);
         assert_eq!(e.data.get(), r#"{"pct":40}"#);
+    }
+
+    #[test]
+    fn null_data_is_data() {
+        let e = Envelope::decode(
+            br#"{"offset":1,"epoch":"A","fanout":1,"ts":0,"data":null}"#,
+            9,
+        );
+        assert_eq!((e.data.get(), e.offset), ("null", Some(1)));
     }
 
     #[test]
