@@ -44,7 +44,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     if let (Some(token), Some(admin)) = (dev_token, dev_admin) {
-        let addr = node.local_addr();
+        let mut addr = node.local_addr();
+        // 0.0.0.0 / [::] are where we listen, not where a client connects.
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
         // Printed to stdout on purpose, once, in dev mode only: these are throwaway
         // credentials for this process.
         println!("\nfanout dev mode — try it:\n");

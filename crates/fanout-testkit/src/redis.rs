@@ -191,6 +191,24 @@ impl Drop for RedisServer {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_binary_names_the_install_command() {
+        assert!(find_binary("surely-no-such-binary-here").is_none());
+        let e = TestkitError::Missing {
+            binary: "redis-server",
+            package: "redis-server",
+        };
+        assert!(
+            e.to_string().contains("apt-get install -y redis-server"),
+            "{e}"
+        );
+    }
+}
+
 fn ping(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
