@@ -190,11 +190,24 @@ async fn broadcast(
             .parse(c)
             .map_err(|r| ApiError::new(r.code, format!("{c}: {}", r.message)))?;
     }
-    // Every channel is attempted; the answer says per channel what happened, so that a
-    // retry can skip what was published.
+    if !shared.broker.is_ready() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the broker is unavailable; nothing was published",
+        ));
+    }
+    // The answer says per channel what happened, so that a retry can skip what was
+    // published. After the broker fails once, the rest are not attempted (each attempt
+    // would wait for the command timeout).
     let mut results = Vec::with_capacity(b.channels.len());
     let mut failed = 0;
+    let mut broker_down = false;
     for c in &b.channels {
+        if broker_down {
+            failed += 1;
+            results.push(serde_json::json!({"channel": c, "error": {"code": "unavailable", "message": "not attempted: the broker failed earlier in this broadcast"}}));
+            continue;
+        }
         match publish_one(shared, c, b.event.as_deref(), &b.data).await {
             Ok(mut r) => {
                 r["channel"] = c.clone().into();
@@ -202,6 +215,7 @@ async fn broadcast(
             }
             Err(e) => {
                 failed += 1;
+                broker_down |= e.code == ErrorCode::Unavailable;
                 results.push(serde_json::json!({"channel": c, "error": {"code": e.code.as_str(), "message": e.message}}));
             }
         }

@@ -399,6 +399,14 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
                 "the rules of built-in namespaces (user, job_progress) are fixed; only history, presence and join_leave can be set",
             ));
         }
+        for (flag, value) in [("presence", ns.presence), ("join_leave", ns.join_leave)] {
+            if value == Some(true) {
+                return Err(invalid(
+                    format!("{setting}.{flag}"),
+                    "is not available in this version of fanout",
+                ));
+            }
+        }
         let base = builtin.unwrap_or_else(|| Namespace::configured(&name));
         let history_ttl = ns
             .history_ttl_secs
@@ -509,6 +517,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("namespaces.user"), "{e}");
+        std::fs::write(&path, "[namespaces.chat]\npresence = true\n").unwrap();
+        let e = parse(&["--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("namespaces.chat.presence"), "{e}");
         std::fs::write(&path, "[limits]\nbogus = 1\n").unwrap();
         let e = parse(&["--config", path.to_str().unwrap()])
             .unwrap_err()

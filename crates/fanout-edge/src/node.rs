@@ -176,14 +176,18 @@ impl Node {
         metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);
         metrics::gauge!(m::CHANNELS).set(0.0);
         metrics::gauge!(m::BROKER_UP).set(if shared.broker.is_ready() { 1.0 } else { 0.0 });
-        let upkeep = shared.metrics.clone();
-        let upkeep_stop = shutdown.clone();
+        let upkeep = shared.clone();
         tracker.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    _ = upkeep_stop.cancelled() => return,
-                    _ = tick.tick() => upkeep.run_upkeep(),
+                    _ = upkeep.shutdown.cancelled() => return,
+                    _ = tick.tick() => {
+                        upkeep.metrics.run_upkeep();
+                        // Sampled too (events alone miss the command connection).
+                        let up = if upkeep.broker.is_ready() { 1.0 } else { 0.0 };
+                        metrics::gauge!(m::BROKER_UP).set(up);
+                    }
                 }
             }
         });

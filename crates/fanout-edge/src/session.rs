@@ -88,13 +88,24 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
         ),
         strikes: 0,
         last_strike: std::time::Instant::now(),
+        client_closed: false,
     };
     if let Some(code) = handshake.refuse {
         control.close(code);
     } else if let Some(token) = handshake.token {
         session.authenticate(&token, None);
     }
-    session.read_loop(&mut reader, pongs_tx).await;
+    // A bug while handling a frame ends this connection (1011) and nothing else; the
+    // cleanup below still runs.
+    let read = std::panic::AssertUnwindSafe(session.read_loop(&mut reader, pongs_tx));
+    if futures_util::FutureExt::catch_unwind(read).await.is_err() {
+        metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
+        tracing::error!(
+            session = id,
+            "bug: handling a client frame panicked; closing with 1011"
+        );
+        control.close(CloseCode::Internal);
+    }
     session.cleanup();
     // The writer ends within two grace periods of the cancel; never wait longer.
     let abort = writer_task.abort_handle();
@@ -106,6 +117,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
     }
     // Label by known codes only: a client's own close code must not mint new series.
     let code = match control.close_frame().map(|(c, _)| *c) {
+        _ if session.client_closed => "client".to_string(),
         None if shared.shutdown.is_cancelled() => "1001".to_string(),
         None => "none".to_string(),
         Some(c) if c == 1000 || CloseCode::from_u16(c).is_some() => c.to_string(),
@@ -127,6 +139,8 @@ struct Session {
     bucket: TokenBucket,
     strikes: u32,
     last_strike: std::time::Instant,
+    /// The client sent the close frame.
+    client_closed: bool,
 }
 
 enum Read {
@@ -148,6 +162,8 @@ impl Session {
         let idle = limits.ping_interval() * 2 + Duration::from_secs(5);
         let max = limits.max_message_size;
         let mut fragments: Option<(Vec<u8>, bool)> = None;
+        // Skipping the rest of a fragmented message whose earlier piece was refused.
+        let mut discarding = false;
         // Auto-close and auto-pong are off, so the reader never has frames to send.
         let mut no_send = |_| std::future::ready(Ok::<(), std::io::Error>(()));
         loop {
@@ -187,8 +203,29 @@ impl Session {
                     self.control.close(CloseCode::ProtocolError);
                     return;
                 }
+                Ok(Ok(frame)) if frame.opcode != OpCode::Close && !self.admit_frame() => {
+                    // Refused by the rate limit (error sent, strike counted). A refused
+                    // piece of a fragmented message drops the whole message.
+                    if self.control.is_cancelled() {
+                        return;
+                    }
+                    let data = matches!(
+                        frame.opcode,
+                        OpCode::Text | OpCode::Binary | OpCode::Continuation
+                    );
+                    if data && (fragments.is_some() || !frame.fin) {
+                        fragments = None;
+                        discarding = !frame.fin;
+                    }
+                    Read::Nothing
+                }
+                Ok(Ok(frame)) if discarding && frame.opcode == OpCode::Continuation => {
+                    discarding = !frame.fin;
+                    Read::Nothing
+                }
                 Ok(Ok(frame)) => match frame.opcode {
                     OpCode::Text | OpCode::Binary => {
+                        discarding = false;
                         let binary = frame.opcode == OpCode::Binary;
                         if fragments.is_some() {
                             self.control.close(CloseCode::ProtocolError);
@@ -223,8 +260,14 @@ impl Session {
                     OpCode::Close => {
                         let code = match frame.payload.len() {
                             0 => 1000,
-                            n if n >= 2 => u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
-                            _ => 1002,
+                            1 => CloseCode::ProtocolError.code(),
+                            _ if std::str::from_utf8(&frame.payload[2..]).is_err() => 1007,
+                            _ => match u16::from_be_bytes([frame.payload[0], frame.payload[1]]) {
+                                // Codes a client may send are echoed; others are a
+                                // protocol error.
+                                c @ (1000..=1003 | 1007..=1014 | 3000..=4999) => c,
+                                _ => CloseCode::ProtocolError.code(),
+                            },
                         };
                         Read::Close(code)
                     }
@@ -233,18 +276,11 @@ impl Session {
             match read {
                 Read::Nothing => {}
                 Read::Ping(payload) => {
-                    // WebSocket pings count against the same rate limit as frames.
-                    if self.admit_frame() {
-                        let _ = pongs.try_send(Bytes::from(payload));
-                    }
+                    let _ = pongs.try_send(Bytes::from(payload));
                 }
                 Read::Close(code) => {
-                    // Echo the client's close (a code a client may not send: 1002).
-                    let echo = match code {
-                        1000..=1003 | 1007..=1011 | 3000..=4999 => code,
-                        _ => CloseCode::ProtocolError.code(),
-                    };
-                    self.control.close_raw(echo, String::new());
+                    self.client_closed = true;
+                    self.control.close_raw(code, String::new());
                     return;
                 }
                 Read::Message(bytes, binary) => {
@@ -292,12 +328,17 @@ impl Session {
     }
 
     async fn on_message(&mut self, bytes: &[u8], binary: bool) {
-        if !self.admit_frame() {
-            return;
-        }
         let codec = if binary { Codec::MsgPack } else { Codec::Json };
         let DecodedFrame { id, frame } = match codec.decode_client(bytes) {
             Ok(f) => f,
+            Err(_) if self.principal.is_none() => {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "missing").increment(1);
+                self.control.close_raw(
+                    CloseCode::Unauthorized.code(),
+                    "authenticate first: send {\"type\":\"auth\",\"token\":…}".into(),
+                );
+                return;
+            }
             Err(e) => {
                 self.error(e.id.as_ref(), ErrorCode::BadRequest, &e.message);
                 return;

@@ -69,15 +69,20 @@ pub(crate) async fn run(
     mut rx: mpsc::UnboundedReceiver<Command>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut refs: HashMap<Arc<str>, usize> = HashMap::new();
-    let mut subscribed: HashSet<Arc<str>> = HashSet::new();
+    let mut state = State {
+        broker,
+        refs: HashMap::new(),
+        subscribed: HashSet::new(),
+    };
     let mut commands = Vec::with_capacity(BATCH);
-    // Channels wanted but not subscribed because the broker refused or timed out: tried
-    // again with capped exponential backoff, so no subscriber is left silently deaf.
+    // Channels still wanted by sockets that hold them, but not subscribed because the
+    // broker refused or timed out (typically right after a reconnect): retried on their
+    // own timer with capped exponential backoff, so no subscriber stays silently deaf.
     let mut retry: HashSet<Arc<str>> = HashSet::new();
     let mut backoff = RETRY_MIN;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let retry_due = !retry.is_empty();
+        let mut retry_now = false;
         tokio::select! {
             _ = stop.cancelled() => return,
             n = rx.recv_many(&mut commands, BATCH) => {
@@ -85,8 +90,8 @@ pub(crate) async fn run(
                     return;
                 }
             }
-            _ = tokio::time::sleep(backoff), if retry_due => {
-                tracing::info!(channels = retry.len(), "retrying broker subscriptions");
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_now = true;
             }
         }
         let mut waiting: Vec<(Arc<str>, Reply)> = Vec::new();
@@ -95,17 +100,12 @@ pub(crate) async fn run(
         for command in commands.drain(..) {
             match command {
                 Command::Acquire(channel, reply) => {
-                    *refs.entry(channel.clone()).or_default() += 1;
+                    *state.refs.entry(channel.clone()).or_default() += 1;
                     touched.push(channel.clone());
                     waiting.push((channel, reply));
                 }
                 Command::Release(channel) => {
-                    if let Some(n) = refs.get_mut(&channel) {
-                        *n -= 1;
-                        if *n == 0 {
-                            refs.remove(&channel);
-                        }
-                    }
+                    state.release(&channel);
                     touched.push(channel);
                 }
                 Command::Resubscribe => resubscribe = true,
@@ -113,77 +113,141 @@ pub(crate) async fn run(
         }
         if resubscribe {
             // After a reconnect the broker has none of our subscriptions.
-            subscribed.clear();
-            touched.extend(refs.keys().cloned());
+            state.subscribed.clear();
+            touched.extend(state.refs.keys().cloned());
+            retry.clear();
         }
-        touched.extend(retry.drain());
-        let mut to_subscribe: Vec<Arc<str>> = Vec::new();
-        let mut to_unsubscribe: Vec<Arc<str>> = Vec::new();
+        // New work first, in its own batches; retries separately, so that one channel
+        // the broker keeps refusing cannot fail unrelated subscribes.
+        let (to_subscribe, to_unsubscribe) = state.plan(touched);
+        let failed = state.subscribe(&to_subscribe).await;
+        state.unsubscribe(&to_unsubscribe).await;
+        let mut retry_failed = HashSet::new();
+        if retry_now {
+            let (again, _) = state.plan(retry.drain().collect());
+            retry_failed = state.subscribe(&again).await.into_keys().collect();
+        }
+        let mut acquired = Vec::new();
+        for (channel, reply) in waiting {
+            let result = match failed.get(&channel) {
+                Some(error) => {
+                    // The acquirer will not subscribe locally: give its reference back.
+                    state.release(&channel);
+                    Err(error.clone())
+                }
+                None => Ok(()),
+            };
+            acquired.push(channel);
+            let _ = reply.send(result);
+        }
+        // Channels that failed but are still held by other sockets are retried.
+        retry.extend(failed.into_keys().chain(retry_failed.iter().cloned()));
+        retry.retain(|c| state.refs.contains_key(c));
+        // A SUBSCRIBE that timed out may still have been applied: make sure channels
+        // nobody wants are not left subscribed.
+        let stale: Vec<Arc<str>> = acquired
+            .into_iter()
+            .filter(|c| !state.refs.contains_key(c) && !state.subscribed.contains(c))
+            .collect();
+        if !stale.is_empty() && state.broker.is_ready() {
+            let _ = state.broker.unsubscribe(&stale).await;
+        }
+        if retry.is_empty() {
+            backoff = RETRY_MIN;
+            retry_at = None;
+        } else if retry_now || retry_at.is_none() {
+            if retry_now && !retry_failed.is_empty() {
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            retry_at = Some(tokio::time::Instant::now() + backoff);
+        }
+        metrics::gauge!(m::CHANNELS).set(state.subscribed.len() as f64);
+    }
+}
+
+struct State {
+    broker: Arc<dyn Broker>,
+    refs: HashMap<Arc<str>, usize>,
+    subscribed: HashSet<Arc<str>>,
+}
+
+impl State {
+    fn release(&mut self, channel: &Arc<str>) {
+        if let Some(n) = self.refs.get_mut(channel) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(channel);
+            }
+        }
+    }
+
+    /// What to subscribe and unsubscribe so that the broker matches the reference
+    /// counts for `channels`.
+    fn plan(&self, channels: Vec<Arc<str>>) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
         let mut seen = HashSet::new();
-        for channel in touched {
+        for channel in channels {
             if !seen.insert(channel.clone()) {
                 continue;
             }
-            let wanted = refs.contains_key(&channel);
-            let have = subscribed.contains(&channel);
-            if wanted && !have {
-                to_subscribe.push(channel);
-            } else if !wanted && have {
-                to_unsubscribe.push(channel);
+            match (
+                self.refs.contains_key(&channel),
+                self.subscribed.contains(&channel),
+            ) {
+                (true, false) => subscribe.push(channel),
+                (false, true) => unsubscribe.push(channel),
+                _ => {}
             }
         }
-        let mut failed: HashMap<Arc<str>, BrokerError> = HashMap::new();
-        for chunk in to_subscribe.chunks(BATCH) {
+        (subscribe, unsubscribe)
+    }
+
+    /// Subscribes in batches; a refused batch is retried channel by channel (while the
+    /// broker is up) so that one bad channel fails alone. Returns what failed.
+    async fn subscribe(&mut self, channels: &[Arc<str>]) -> HashMap<Arc<str>, BrokerError> {
+        let mut failed = HashMap::new();
+        for chunk in channels.chunks(BATCH) {
             let started = Instant::now();
-            match broker.subscribe(chunk).await {
+            match self.broker.subscribe(chunk).await {
                 Ok(()) => {
                     metrics::histogram!(m::BROKER_SUBSCRIBE_SECONDS)
                         .record(started.elapsed().as_secs_f64());
-                    subscribed.extend(chunk.iter().cloned());
+                    self.subscribed.extend(chunk.iter().cloned());
                 }
                 Err(error) => {
                     metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "subscribe").increment(1);
                     tracing::warn!(%error, channels = chunk.len(), "broker subscribe failed");
-                    for c in chunk {
-                        failed.insert(c.clone(), error.clone());
+                    if chunk.len() > 1 && self.broker.is_ready() {
+                        for c in chunk {
+                            match self.broker.subscribe(std::slice::from_ref(c)).await {
+                                Ok(()) => {
+                                    self.subscribed.insert(c.clone());
+                                }
+                                Err(e) => {
+                                    failed.insert(c.clone(), e);
+                                }
+                            }
+                        }
+                    } else {
+                        failed.extend(chunk.iter().map(|c| (c.clone(), error.clone())));
                     }
-                    retry.extend(chunk.iter().cloned());
                 }
             }
         }
-        for chunk in to_unsubscribe.chunks(BATCH) {
-            if let Err(error) = broker.unsubscribe(chunk).await {
+        failed
+    }
+
+    async fn unsubscribe(&mut self, channels: &[Arc<str>]) {
+        for chunk in channels.chunks(BATCH) {
+            if let Err(error) = self.broker.unsubscribe(chunk).await {
                 metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "unsubscribe").increment(1);
                 tracing::warn!(%error, channels = chunk.len(), "broker unsubscribe failed");
             }
             // Either way we no longer want them; a reconnect subscribes only what is wanted.
             for c in chunk {
-                subscribed.remove(c);
+                self.subscribed.remove(c);
             }
         }
-        for (channel, reply) in waiting {
-            let result = match failed.get(&channel) {
-                Some(error) => {
-                    // The acquirer will not subscribe locally: give its reference back.
-                    if let Some(n) = refs.get_mut(&channel) {
-                        *n -= 1;
-                        if *n == 0 {
-                            refs.remove(&channel);
-                        }
-                    }
-                    Err(error.clone())
-                }
-                None => Ok(()),
-            };
-            let _ = reply.send(result);
-        }
-        // Only channels somebody still wants are worth retrying.
-        retry.retain(|c| refs.contains_key(c));
-        backoff = if retry.is_empty() {
-            RETRY_MIN
-        } else {
-            (backoff * 2).min(RETRY_MAX)
-        };
-        metrics::gauge!(m::CHANNELS).set(subscribed.len() as f64);
     }
 }

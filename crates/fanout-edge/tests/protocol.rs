@@ -239,6 +239,9 @@ async fn first_frame_must_be_auth_within_the_timeout() {
     let mut c = WsClient::connect(&node.ws_url()).await.unwrap();
     c.send(json!({"type":"subscribe","channel":"user:1"})).await;
     assert_eq!(c.expect_close().await, Some(4001));
+    let mut c = WsClient::connect(&node.ws_url()).await.unwrap();
+    c.send_text("{not even json").await;
+    assert_eq!(c.expect_close().await, Some(4001));
     node.shutdown().await;
 }
 
@@ -521,6 +524,13 @@ async fn client_close_codes_are_echoed_only_when_valid() {
     let mut c = connect(&node, &token("1", &[])).await;
     c.send_close(2999).await;
     assert_eq!(c.expect_close().await, Some(1002));
+    // Client-initiated closes are counted as such, whatever code the client used.
+    let (_, metrics) = fanout_testkit::http(node.local_addr(), "GET", "/metrics", None, None).await;
+    assert!(
+        metrics.contains(r#"fanout_disconnects_total{code="client"}"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"code="4321""#), "{metrics}");
     node.shutdown().await;
 }
 

@@ -174,3 +174,71 @@ async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_channel_redis_refuses_fails_alone_and_is_retried_until_allowed() {
+    let redis = RedisServer::start().unwrap();
+    let node = start(Some(&redis.url()), &[]).await;
+    let t = token("1", &["chat:*"]);
+    let mut held = connect(&node, &t).await;
+    assert_eq!(held.subscribe(1, "chat:held").await["type"], "subscribed");
+
+    // Redis stops allowing chat:held, and the node's subscriber connection is cut: on
+    // reconnect the node's resubscription of chat:held is refused (NOPERM).
+    redis
+        .cli(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "resetchannels",
+            "&chat:ok*",
+            "&user:*",
+        ])
+        .unwrap();
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    let addr = node.local_addr();
+    let mut ready = false;
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if fanout_testkit::http(addr, "GET", "/readyz", None, None)
+            .await
+            .0
+            == 200
+        {
+            ready = true;
+            break;
+        }
+    }
+    assert!(ready);
+
+    // Other subscribes are unaffected by the refused channel; the refused one fails alone.
+    let mut other = connect(&node, &t).await;
+    assert_eq!(other.subscribe(1, "chat:ok1").await["type"], "subscribed");
+    let r = other.subscribe(2, "chat:denied").await;
+    assert_eq!(
+        (r["type"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
+    assert!(
+        !r["message"].as_str().unwrap().contains("NOPERM"),
+        "broker details leak: {r}"
+    );
+    assert_eq!(redis.numsub("chat:held").unwrap(), 0);
+
+    // Allowed again: the retry brings chat:held back without the client doing anything.
+    redis
+        .cli(&["ACL", "SETUSER", "default", "allchannels"])
+        .unwrap();
+    wait_for("the retried subscription", || {
+        redis.numsub("chat:held").unwrap() == 1
+    })
+    .await;
+    redis
+        .cli(&["PUBLISH", "chat:held", r#"{"back":true}"#])
+        .unwrap();
+    assert_eq!(
+        held.recv_type("message").await["data"],
+        json!({"back": true})
+    );
+    node.shutdown().await;
+}

@@ -132,7 +132,16 @@ impl Broker for RedisBroker {
 
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
-        self.subscriber.subscribe(keys).await.map_err(unavailable)
+        self.subscriber.subscribe(keys).await.map_err(unavailable)?;
+        // fred resolves SUBSCRIBE as soon as it is written; Redis' reply (or refusal,
+        // e.g. NOPERM) arrives out of band. A PING on the same connection is answered in
+        // order, so when it returns Redis has processed the SUBSCRIBE — and a refusal
+        // surfaces here instead of being lost.
+        self.subscriber
+            .ping::<Value>(None)
+            .await
+            .map(|_| ())
+            .map_err(|e| BrokerError::Unavailable(format!("SUBSCRIBE not confirmed: {e}")))
     }
 
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
