@@ -215,7 +215,7 @@ impl Publisher {
     }
 
     /// Publishes the end of job `job_id`: `{"status":…,"result":…}` as event `completed`.
-    /// Subscribers get it, then `unsubscribed` with reason `completed`.
+    /// The `status` (`succeeded`, `failed`, `cancelled`) marks the message terminal.
     pub async fn job_completed<T: Serialize + ?Sized>(
         &self,
         job_id: impl Display,
