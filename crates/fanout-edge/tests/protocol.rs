@@ -562,14 +562,7 @@ async fn data_too_deep_for_a_value_still_reaches_msgpack_clients() {
         assert_eq!(js.subscribe(1, "user:7").await["type"], "subscribed");
         let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
         let body = format!(r#"{{"channel":"user:7","data":{deep}}}"#);
-        let (s, b) = fanout_testkit::http(
-            node.local_addr(),
-            "POST",
-            "/api/publish",
-            Some(ADMIN),
-            Some(&body),
-        )
-        .await;
+        let (s, b) = api_publish_body(&node, &body).await;
         assert_eq!(s, 200, "{}: {b}", backend.name());
         let m = mp.recv_type("message").await;
         assert_eq!(m["data_encoding"], "json");

@@ -129,17 +129,22 @@ pub async fn connect(node: &Node, token: &str) -> WsClient {
     c
 }
 
-/// `POST /api/publish` with the admin token.
-pub async fn api_publish(node: &Node, channel: &str, data: Value) -> (u16, Value) {
-    let body = json!({"channel": channel, "data": data}).to_string();
-    let (status, text) = fanout_testkit::http(
+/// `POST /api/publish` with the admin token and a body as given.
+pub async fn api_publish_body(node: &Node, body: &str) -> (u16, String) {
+    fanout_testkit::http(
         node.local_addr(),
         "POST",
         "/api/publish",
         Some(ADMIN),
-        Some(&body),
+        Some(body),
     )
-    .await;
+    .await
+}
+
+/// `POST /api/publish` of `data` on `channel` with the admin token.
+pub async fn api_publish(node: &Node, channel: &str, data: Value) -> (u16, Value) {
+    let body = json!({"channel": channel, "data": data}).to_string();
+    let (status, text) = api_publish_body(node, &body).await;
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
