@@ -22,15 +22,19 @@ pub struct RedisBroker {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn builder(url: &str) -> Result<Builder, BrokerError> {
+/// Messages buffered between fred's connection task and the node's reader. A reader
+/// that falls further behind is counted and logged, never silent. fred gives every
+/// notification stream of a client this capacity, preallocated, so only the subscriber
+/// client gets it (each slot costs memory whether used or not).
+const SUBSCRIBER_BUFFER: usize = 16 * 1024;
+
+fn builder(url: &str, notification_capacity: usize) -> Result<Builder, BrokerError> {
     let config = Config::from_url(url).map_err(|e| BrokerError::Invalid(e.to_string()))?;
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| {
             p.default_command_timeout = Duration::from_secs(5);
-            // Messages wait here between the connection task and our reader; a lagging
-            // reader is counted, never silent.
-            p.broadcast_channel_capacity = 1 << 16;
+            p.broadcast_channel_capacity = notification_capacity;
         })
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(5);
@@ -52,8 +56,10 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 impl RedisBroker {
     /// Connects both clients; fails if Redis cannot be reached at start.
     pub async fn connect(url: &str, sink: BrokerSink) -> Result<RedisBroker, BrokerError> {
-        let subscriber = builder(url)?.build().map_err(unavailable)?;
-        let command = builder(url)?.build().map_err(unavailable)?;
+        let subscriber = builder(url, SUBSCRIBER_BUFFER)?
+            .build()
+            .map_err(unavailable)?;
+        let command = builder(url, 32)?.build().map_err(unavailable)?;
         // Listen before connecting so no event is missed.
         let mut messages = subscriber.message_rx();
         let mut reconnects = subscriber.reconnect_rx();
