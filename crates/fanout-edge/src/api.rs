@@ -150,6 +150,13 @@ async fn publish_one(
         .parse(channel)
         .map_err(|r| ApiError::new(r.code, r.message))?;
     let history = shared.settings.namespaces.for_channel(&parsed).history;
+    // Answered at once rather than after a command timeout while Redis is away.
+    if !shared.broker.is_ready() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the broker is unavailable; nothing was published",
+        ));
+    }
     let ack = shared.broker.publish(channel, event, data, history).await?;
     metrics::counter!(m::PUBLISHES_TOTAL, "source" => "api").increment(1);
     Ok(serde_json::json!({"offset": ack.offset, "epoch": ack.epoch}))
@@ -261,6 +268,7 @@ fn stats(shared: &Shared) -> serde_json::Value {
             "users": shared.users(),
             "channels": shared.hub.channels(),
             "subscriptions": shared.hub.subscriptions(),
+            "outbound_queue_bytes": crate::outbox::queued_bytes(),
         }
     })
 }

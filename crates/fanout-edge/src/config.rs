@@ -30,6 +30,10 @@ pub struct Args {
     /// embedded in-memory broker (single node).
     #[arg(long, env = "FANOUT_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Milliseconds between liveness probes (PING) of the idle Redis subscriber
+    /// connection; a probe unanswered within the same time forces a reconnect.
+    #[arg(long, env = "FANOUT_REDIS_PROBE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub redis_probe_ms: u64,
     /// HS256 secret.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -107,6 +111,9 @@ pub struct Limits {
     /// Outbound messages queued per connection before it counts as a slow consumer
     /// (close 4009).
     pub queue_messages: usize,
+    /// Outbound bytes queued per connection before it counts as a slow consumer
+    /// (close 4009). With `max_connections` this bounds the node's queue memory.
+    pub queue_bytes: usize,
     /// Client frames per second (token bucket refill) and burst.
     pub messages_per_second: u32,
     pub message_burst: u32,
@@ -127,6 +134,7 @@ impl Default for Limits {
             max_connections: 20_000,
             max_subscriptions: 256,
             queue_messages: 1024,
+            queue_bytes: 1024 * 1024,
             messages_per_second: 50,
             message_burst: 100,
             rate_limit_strikes: 20,
@@ -162,8 +170,12 @@ struct NamespaceFile {
     publish: Option<PublishRule>,
     history_size: Option<u32>,
     history_ttl_secs: Option<u64>,
+    /// How long a finished job's history lives after its terminal message.
+    finished_ttl_secs: Option<u64>,
     presence: Option<bool>,
     join_leave: Option<bool>,
+    /// Keep only the newest message per channel for a slow consumer instead of 4009.
+    conflate: Option<bool>,
 }
 
 /// Which broker carries messages between nodes.
@@ -173,6 +185,8 @@ pub enum BrokerSettings {
     Memory,
     Redis {
         url: String,
+        /// Interval and timeout of the subscriber connection's liveness probe.
+        probe: Duration,
     },
 }
 
@@ -234,6 +248,7 @@ impl Settings {
                     .map_err(|e| ConfigError::RedisUrl(e.details().to_string()))?;
                 BrokerSettings::Redis {
                     url: url.to_string(),
+                    probe: Duration::from_millis(args.redis_probe_ms),
                 }
             }
         };
@@ -331,7 +346,7 @@ impl Settings {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let checks: [(&str, bool, &str); 8] = [
+    let checks: [(&str, bool, &str); 9] = [
         (
             "limits.max_message_size",
             l.max_message_size >= 256,
@@ -351,6 +366,11 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
             "limits.queue_messages",
             l.queue_messages >= 1,
             "must be at least 1",
+        ),
+        (
+            "limits.queue_bytes",
+            l.queue_bytes >= 1024,
+            "must be at least 1024",
         ),
         (
             "limits.messages_per_second",
@@ -396,7 +416,7 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
         if builtin.is_some() && (ns.subscribe.is_some() || ns.publish.is_some()) {
             return Err(invalid(
                 format!("{setting}.subscribe"),
-                "the rules of built-in namespaces (user, job_progress) are fixed; only history, presence and join_leave can be set",
+                "the rules of built-in namespaces (user, job_progress) are fixed; only history, finished_ttl_secs, conflate, presence and join_leave can be set",
             ));
         }
         for (flag, value) in [("presence", ns.presence), ("join_leave", ns.join_leave)] {
@@ -425,9 +445,20 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
             history: fanout_publisher::HistoryPolicy {
                 size: ns.history_size.unwrap_or(base.history.size),
                 ttl: history_ttl,
+                finished_ttl: match ns.finished_ttl_secs {
+                    Some(0) => {
+                        return Err(invalid(
+                            format!("{setting}.finished_ttl_secs"),
+                            "must be at least 1",
+                        ))
+                    }
+                    Some(s) => Some(Duration::from_secs(s)),
+                    None => base.history.finished_ttl,
+                },
             },
             presence: ns.presence.unwrap_or(base.presence),
             join_leave: ns.join_leave.unwrap_or(base.join_leave),
+            conflate: ns.conflate.unwrap_or(base.conflate),
         });
     }
     Ok(namespaces)

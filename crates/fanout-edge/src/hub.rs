@@ -5,15 +5,16 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
-use fanout_protocol::{CloseCode, Codec, Envelope};
-use tokio::sync::mpsc;
+use fanout_protocol::{CloseCode, Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::HistoryRead;
 use crate::metrics as m;
+pub use crate::outbox::Outbox;
 
 pub type SessionId = u64;
 
@@ -68,64 +69,190 @@ impl Control {
     }
 }
 
-/// A connection's bounded outbound queue of encoded frames.
-#[derive(Clone)]
-pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
-    control: Arc<Control>,
-    slow: Arc<AtomicBool>,
-}
-
-impl Outbox {
-    pub fn new(capacity: usize, control: Arc<Control>) -> (Outbox, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        (
-            Outbox {
-                tx,
-                control,
-                slow: Arc::new(AtomicBool::new(false)),
-            },
-            rx,
-        )
-    }
-
-    /// Queues a frame without waiting. A full queue marks the connection a slow
-    /// consumer and closes it with 4009; returns whether the frame was queued.
-    // hot path: no allocation per subscriber (Bytes is a reference count).
-    pub fn push(&self, frame: Bytes) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.slow.swap(true, Ordering::Relaxed) {
-                    metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
-                    tracing::info!("slow consumer: outbound queue full, closing with 4009");
-                    self.control.close(CloseCode::SlowConsumer);
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
-    /// Frames waiting in the queue.
-    pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
-    }
-}
-
 /// A local subscriber of a channel.
 #[derive(Clone)]
 pub struct Subscriber {
     pub id: SessionId,
     pub codec: Codec,
     pub outbox: Outbox,
+    /// Keep only the newest message when its queue is full, instead of closing 4009.
+    pub conflate: bool,
+    /// Messages up to this offset reached it from history when it joined: not sent
+    /// again when the node's stream catches up.
+    skip_to: u64,
 }
 
-type Shard = RwLock<HashMap<Arc<str>, Vec<Subscriber>>>;
+impl Subscriber {
+    pub fn new(id: SessionId, codec: Codec, outbox: Outbox, conflate: bool) -> Subscriber {
+        Subscriber {
+            id,
+            codec,
+            outbox,
+            conflate,
+            skip_to: 0,
+        }
+    }
+}
+
+/// Where a channel's stream stands: the last offset dispatched, in an epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A subscriber whose `subscribed` is not sent yet: it is reading history, and live
+/// messages for it wait here until it has what it recovered.
+struct Joining {
+    sub: Subscriber,
+    waiting: Vec<Arc<Envelope>>,
+}
+
+struct ChannelState {
+    name: Arc<str>,
+    live: Vec<Subscriber>,
+    joining: Vec<Joining>,
+    position: Option<Position>,
+    /// Messages held, in arrival order, while the node repairs a gap from history.
+    held: Option<Vec<Arc<Envelope>>>,
+    repairing: bool,
+}
+
+impl ChannelState {
+    fn new(name: Arc<str>) -> ChannelState {
+        ChannelState {
+            name,
+            live: Vec::new(),
+            joining: Vec::new(),
+            position: None,
+            held: None,
+            repairing: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.joining.is_empty()
+    }
+}
+
+/// The most messages held for one channel during a repair; past it the oldest are
+/// dropped from the hold (they are in history, which the repair reads).
+const MAX_HELD: usize = 65_536;
+
+enum Check {
+    Accept,
+    Duplicate,
+    Gap,
+}
+
+fn check(position: &Option<Position>, env: &Envelope) -> Check {
+    let (Some(offset), Some(epoch), Some(p)) = (env.offset, env.epoch.as_deref(), position) else {
+        // No offset (a raw PUBLISH), or nothing to compare with yet.
+        return Check::Accept;
+    };
+    if p.epoch != epoch {
+        return Check::Gap;
+    }
+    match offset.cmp(&(p.offset + 1)) {
+        std::cmp::Ordering::Equal => Check::Accept,
+        std::cmp::Ordering::Less => Check::Duplicate,
+        std::cmp::Ordering::Greater => Check::Gap,
+    }
+}
+
+/// What a delivery or a repair did.
+#[derive(Debug, Default)]
+pub struct Delivery {
+    /// Frames queued to subscribers.
+    pub queued: usize,
+    /// A gap was found: the channel is held until a repair reads history.
+    pub repair: bool,
+    /// Subscribers whose subscription ended (a finished job); each holds a broker
+    /// reference to release.
+    pub ended: usize,
+    /// Messages delivered from history by a repair.
+    pub repaired: usize,
+    /// The gap could not be filled: subscribers were told `recovered:false`.
+    pub reset: bool,
+    /// Duplicates dropped.
+    pub duplicates: usize,
+}
+
+/// A join's history read, with what the client asked for.
+pub struct Join<'a> {
+    pub id: Option<&'a FrameId>,
+    pub since: Option<&'a Since>,
+    /// Send the entries read (`last: N`, or a job's latest state).
+    pub send_entries: bool,
+    pub history: HistoryRead,
+}
+
+/// How a join ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// Subscribed; `recovered` answers a `since`.
+    Live { recovered: Option<bool> },
+    /// The job had already finished: the client got its last state and `unsubscribed`.
+    Ended,
+    /// The session is no longer joining (it left meanwhile).
+    Gone,
+}
+
+/// Frames of one message, encoded at most once per codec.
+struct Encoded<'a> {
+    channel: &'a str,
+    envelope: &'a Envelope,
+    json: Option<Bytes>,
+    msgpack: Option<Bytes>,
+}
+
+impl<'a> Encoded<'a> {
+    fn new(channel: &'a str, envelope: &'a Envelope) -> Self {
+        Encoded {
+            channel,
+            envelope,
+            json: None,
+            msgpack: None,
+        }
+    }
+
+    fn frame(&mut self, codec: Codec) -> Bytes {
+        let (slot, codec) = match codec {
+            Codec::Json => (&mut self.json, Codec::Json),
+            Codec::MsgPack => (&mut self.msgpack, Codec::MsgPack),
+        };
+        slot.get_or_insert_with(|| self.envelope.encode_message(self.channel, codec))
+            .clone()
+    }
+}
+
+/// A control frame for many subscribers, encoded at most once per codec.
+struct Notice<'a> {
+    frame: ServerFrame<'a>,
+    json: Option<Bytes>,
+    msgpack: Option<Bytes>,
+}
+
+impl<'a> Notice<'a> {
+    fn new(frame: ServerFrame<'a>) -> Self {
+        Notice {
+            frame,
+            json: None,
+            msgpack: None,
+        }
+    }
+
+    fn frame(&mut self, codec: Codec) -> Bytes {
+        let slot = match codec {
+            Codec::Json => &mut self.json,
+            Codec::MsgPack => &mut self.msgpack,
+        };
+        slot.get_or_insert_with(|| codec.encode(&self.frame))
+            .clone()
+    }
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<Mutex<ChannelState>>>>;
 
 pub struct Hub {
     shards: Box<[Shard]>,
@@ -137,6 +264,11 @@ impl Default for Hub {
     fn default() -> Self {
         Hub::new(64)
     }
+}
+
+/// Whether messages on `channel` can end its subscriptions (`job_progress`).
+fn is_job(channel: &str) -> bool {
+    channel.starts_with("job_progress:")
 }
 
 impl Hub {
@@ -153,58 +285,373 @@ impl Hub {
         &self.shards[i]
     }
 
-    /// Adds `sub` to `channel`. A session adds itself once per channel.
-    pub fn add(&self, channel: Arc<str>, sub: Subscriber) {
-        let mut shard = self.shard(&channel).write().expect("hub lock");
-        shard.entry(channel).or_default().push(sub);
-        let n = self.subscriptions.fetch_add(1, Ordering::Relaxed) + 1;
+    fn state(&self, channel: &str) -> Option<Arc<Mutex<ChannelState>>> {
+        self.shard(channel)
+            .read()
+            .expect("hub lock")
+            .get(channel)
+            .cloned()
+    }
+
+    fn count(&self, delta: isize) {
+        let n = if delta >= 0 {
+            self.subscriptions
+                .fetch_add(delta as usize, Ordering::Relaxed)
+                + delta as usize
+        } else {
+            self.subscriptions
+                .fetch_sub((-delta) as usize, Ordering::Relaxed)
+                - (-delta) as usize
+        };
         metrics::gauge!(m::SUBSCRIPTIONS).set(n as f64);
     }
 
-    /// Removes session `id` from `channel`; returns whether it was there.
-    pub fn remove(&self, channel: &str, id: SessionId) -> bool {
-        let mut shard = self.shard(channel).write().expect("hub lock");
-        let Some(subs) = shard.get_mut(channel) else {
-            return false;
-        };
-        let Some(pos) = subs.iter().position(|s| s.id == id) else {
-            return false;
-        };
-        subs.swap_remove(pos);
-        if subs.is_empty() {
-            shard.remove(channel);
-        }
-        let n = self.subscriptions.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!(m::SUBSCRIPTIONS).set(n as f64);
-        true
-    }
-
-    /// Delivers one message to every local subscriber of `channel`: encodes the frame
-    /// once per codec in use and queues the same bytes everywhere. Returns the number of
-    /// subscribers it was queued to.
-    pub fn dispatch(&self, channel: &str, envelope: &Envelope) -> usize {
-        let shard = self.shard(channel).read().expect("hub lock");
-        let Some(subs) = shard.get(channel) else {
-            return 0;
-        };
-        let mut json: Option<Bytes> = None;
-        let mut msgpack: Option<Bytes> = None;
-        let mut queued = 0;
-        // hot path: no allocation or lock per subscriber.
-        for sub in subs {
-            let frame = match sub.codec {
-                Codec::Json => {
-                    json.get_or_insert_with(|| envelope.encode_message(channel, Codec::Json))
-                }
-                Codec::MsgPack => {
-                    msgpack.get_or_insert_with(|| envelope.encode_message(channel, Codec::MsgPack))
-                }
+    /// Starts a subscription: `sub` receives nothing until [`Hub::complete_join`] has
+    /// sent it `subscribed` and what it recovered; live messages wait for it meanwhile.
+    pub fn join(&self, channel: Arc<str>, sub: Subscriber) {
+        loop {
+            let state = {
+                let mut shard = self.shard(&channel).write().expect("hub lock");
+                shard
+                    .entry(channel.clone())
+                    .or_insert_with(|| Arc::new(Mutex::new(ChannelState::new(channel.clone()))))
+                    .clone()
             };
-            if sub.outbox.push(frame.clone()) {
-                queued += 1;
+            let mut st = state.lock().expect("channel lock");
+            // The state may have been dropped as empty between the two locks: join the
+            // one the shard maps now.
+            let current = self.state(&channel);
+            if !current.is_some_and(|c| Arc::ptr_eq(&c, &state)) {
+                continue;
+            }
+            st.joining.push(Joining {
+                sub,
+                waiting: Vec::new(),
+            });
+            self.count(1);
+            return;
+        }
+    }
+
+    /// Finishes a join with the history read for it: queues `subscribed` (with the
+    /// position and, for a `since`, whether everything missed could be recovered), the
+    /// recovered or asked-for messages, then what arrived meanwhile — each once, in
+    /// order — and makes the subscriber live.
+    pub fn complete_join(&self, channel: &str, id: SessionId, join: Join<'_>) -> Joined {
+        let Some(state) = self.state(channel) else {
+            return Joined::Gone;
+        };
+        let mut st = state.lock().expect("channel lock");
+        let Some(i) = st.joining.iter().position(|j| j.sub.id == id) else {
+            return Joined::Gone;
+        };
+        let Joining { sub, waiting } = st.joining.swap_remove(i);
+        let h = join.history;
+        let recovered = join.since.map(|s| {
+            h.epoch.as_deref() == Some(s.epoch.as_str())
+                && s.offset <= h.top
+                && (s.offset == h.top
+                    || h.entries.first().and_then(|e| e.offset) == Some(s.offset + 1))
+        });
+        if let Some(r) = recovered {
+            let outcome = if r { "recovered" } else { "not_recovered" };
+            metrics::counter!(m::RECOVERIES_TOTAL, "outcome" => outcome).increment(1);
+        }
+        let info = SubscribedInfo {
+            offset: h.epoch.as_ref().map(|_| h.top),
+            epoch: h.epoch.clone(),
+            recovered,
+        };
+        sub.outbox.push(sub.codec.encode(&ServerFrame::Subscribed {
+            id: join.id,
+            channel,
+            info,
+        }));
+        let from_history: &[Arc<Envelope>] = match (recovered, join.send_entries) {
+            (Some(true), _) => &h.entries,
+            (None, true) => &h.entries,
+            _ => &[],
+        };
+        let mut ended = false;
+        for e in from_history.iter().chain(waiting.iter().filter(|e| {
+            // What the history read already covered is not sent twice.
+            !(e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top))
+        })) {
+            sub.outbox.push(e.encode_message(channel, sub.codec));
+            if is_job(channel) && e.is_terminal() {
+                ended = true;
+                break;
             }
         }
-        queued
+        let mut sub = sub;
+        match (&st.position, h.epoch) {
+            (None, Some(epoch)) => {
+                st.position = Some(Position {
+                    epoch,
+                    offset: h.top,
+                })
+            }
+            // The node's stream is behind what this subscriber read (messages in
+            // flight, or a repair under way): those are not sent to it twice.
+            (Some(p), Some(epoch)) if p.epoch == epoch && p.offset < h.top => sub.skip_to = h.top,
+            _ => {}
+        }
+        if ended {
+            sub.outbox
+                .push(sub.codec.encode(&ServerFrame::Unsubscribed {
+                    id: None,
+                    channel,
+                    reason: "completed",
+                }));
+            self.count(-1);
+            self.drop_if_empty(channel, &st, &state);
+            return Joined::Ended;
+        }
+        st.live.push(sub);
+        Joined::Live { recovered }
+    }
+
+    /// Removes session `id` from `channel` (live or joining); returns whether it was
+    /// there — and so whether the caller holds a broker reference to release.
+    pub fn remove(&self, channel: &str, id: SessionId) -> bool {
+        let Some(state) = self.state(channel) else {
+            return false;
+        };
+        let mut st = state.lock().expect("channel lock");
+        let removed = if let Some(i) = st.live.iter().position(|s| s.id == id) {
+            st.live.swap_remove(i);
+            true
+        } else if let Some(i) = st.joining.iter().position(|j| j.sub.id == id) {
+            st.joining.swap_remove(i);
+            true
+        } else {
+            false
+        };
+        if removed {
+            self.count(-1);
+            self.drop_if_empty(channel, &st, &state);
+        }
+        removed
+    }
+
+    /// Whether session `id` is subscribed to (or joining) `channel`.
+    pub fn contains(&self, channel: &str, id: SessionId) -> bool {
+        self.state(channel).is_some_and(|state| {
+            let st = state.lock().expect("channel lock");
+            st.live.iter().any(|s| s.id == id) || st.joining.iter().any(|j| j.sub.id == id)
+        })
+    }
+
+    /// Forgets a channel nobody is on any more (its position goes with it). Called with
+    /// the channel's lock held; takes the shard lock after it (never the other order
+    /// while holding a channel lock elsewhere).
+    fn drop_if_empty(&self, channel: &str, st: &ChannelState, state: &Arc<Mutex<ChannelState>>) {
+        if st.is_empty() && !st.repairing {
+            // A joiner that cloned this state meanwhile notices it is no longer mapped
+            // (see `join`) and starts over.
+            let mut shard = self.shard(channel).write().expect("hub lock");
+            if shard.get(channel).is_some_and(|c| Arc::ptr_eq(c, state)) {
+                shard.remove(channel);
+            }
+        }
+    }
+
+    /// One message for `channel`, in the order the broker delivered it. Dispatched to
+    /// every local subscriber (encoded once per codec) when it is the next in the
+    /// channel's stream; a duplicate is dropped; a gap holds the channel and asks for a
+    /// repair.
+    // hot path: one lock per message, no allocation or lock per subscriber.
+    pub fn deliver(&self, channel: &str, envelope: Arc<Envelope>) -> Delivery {
+        let mut out = Delivery::default();
+        let Some(state) = self.state(channel) else {
+            return out;
+        };
+        let mut st = state.lock().expect("channel lock");
+        if let Some(held) = st.held.as_mut() {
+            hold(held, envelope);
+            return out;
+        }
+        match check(&st.position, &envelope) {
+            Check::Accept => {
+                self.accept(&mut st, channel, &envelope, &mut out);
+                if out.ended > 0 {
+                    self.drop_if_empty(channel, &st, &state);
+                }
+            }
+            Check::Duplicate => out.duplicates += 1,
+            Check::Gap => {
+                st.held = Some(vec![envelope]);
+                out.repair = true;
+            }
+        }
+        out
+    }
+
+    fn accept(
+        &self,
+        st: &mut ChannelState,
+        channel: &str,
+        env: &Arc<Envelope>,
+        out: &mut Delivery,
+    ) {
+        if let (Some(offset), Some(epoch)) = (env.offset, env.epoch.as_deref()) {
+            match st.position.as_mut() {
+                Some(p) if p.epoch == epoch => p.offset = offset,
+                _ => {
+                    st.position = Some(Position {
+                        epoch: epoch.to_string(),
+                        offset,
+                    })
+                }
+            }
+        }
+        let mut encoded = Encoded::new(channel, env);
+        let offset = env.offset.unwrap_or(u64::MAX);
+        for sub in &st.live {
+            if offset <= sub.skip_to {
+                continue;
+            }
+            let frame = encoded.frame(sub.codec);
+            let queued = if sub.conflate {
+                sub.outbox.push_conflated(&st.name, frame)
+            } else {
+                sub.outbox.push(frame)
+            };
+            if queued {
+                out.queued += 1;
+            }
+        }
+        for j in st.joining.iter_mut() {
+            j.waiting.push(env.clone());
+        }
+        if is_job(channel) && !st.live.is_empty() && env.is_terminal() {
+            // The job is over: every live subscription of it ends here.
+            let mut notice = Notice::new(ServerFrame::Unsubscribed {
+                id: None,
+                channel,
+                reason: "completed",
+            });
+            for sub in st.live.drain(..) {
+                sub.outbox.push(notice.frame(sub.codec));
+                out.ended += 1;
+            }
+            self.count(-(out.ended as isize));
+        }
+    }
+
+    /// Starts a repair of `channel` if it has a position and none is running: from now
+    /// on its messages are held. Returns the position to read history after.
+    pub fn begin_repair(&self, channel: &str) -> Option<Position> {
+        let state = self.state(channel)?;
+        let mut st = state.lock().expect("channel lock");
+        if st.repairing {
+            return None;
+        }
+        let position = st.position.clone()?;
+        st.repairing = true;
+        if st.held.is_none() {
+            st.held = Some(Vec::new());
+        }
+        Some(position)
+    }
+
+    /// Applies a repair's history read: the missing messages in order, then what was
+    /// held. If history cannot fill the gap (trimmed, expired, or a new epoch), every
+    /// subscriber is told `recovered:false` with the new position. `None` (the read
+    /// failed) keeps holding and asks for another try.
+    pub fn finish_repair(&self, channel: &str, read: Option<HistoryRead>) -> Delivery {
+        let mut out = Delivery::default();
+        let Some(state) = self.state(channel) else {
+            return out;
+        };
+        let mut st = state.lock().expect("channel lock");
+        st.repairing = false;
+        let Some(h) = read else {
+            out.repair = true;
+            return out;
+        };
+        let held = st.held.take().unwrap_or_default();
+        let Some(position) = st.position.clone() else {
+            return out;
+        };
+        let contiguous = h.epoch.as_deref() == Some(position.epoch.as_str())
+            && h.top >= position.offset
+            && (h.top == position.offset
+                || h.entries
+                    .iter()
+                    .find(|e| e.offset > Some(position.offset))
+                    .and_then(|e| e.offset)
+                    == Some(position.offset + 1));
+        if contiguous {
+            for e in h
+                .entries
+                .iter()
+                .filter(|e| e.offset > Some(position.offset))
+            {
+                if matches!(check(&st.position, e), Check::Accept) {
+                    self.accept(&mut st, channel, e, &mut out);
+                    out.repaired += 1;
+                }
+            }
+        } else {
+            out.reset = true;
+            st.position = h.epoch.clone().map(|epoch| Position {
+                epoch,
+                offset: h.top,
+            });
+            let info = SubscribedInfo {
+                offset: h.epoch.as_ref().map(|_| h.top),
+                epoch: h.epoch.clone(),
+                recovered: Some(false),
+            };
+            let mut notice = Notice::new(ServerFrame::Subscribed {
+                id: None,
+                channel,
+                info,
+            });
+            for sub in st.live.iter_mut() {
+                sub.skip_to = 0;
+                sub.outbox.push(notice.frame(sub.codec));
+            }
+        }
+        let mut rest = held.into_iter();
+        while let Some(e) = rest.next() {
+            match check(&st.position, &e) {
+                Check::Accept => self.accept(&mut st, channel, &e, &mut out),
+                Check::Duplicate => out.duplicates += 1,
+                Check::Gap => {
+                    let mut again = vec![e];
+                    again.extend(rest);
+                    st.held = Some(again);
+                    out.repair = true;
+                    break;
+                }
+            }
+        }
+        if st.is_empty() {
+            self.drop_if_empty(channel, &st, &state);
+        }
+        out
+    }
+
+    /// Channels with a known position (to check after a broker reconnect).
+    pub fn positioned_channels(&self) -> Vec<Arc<str>> {
+        // Channel locks are never taken while a shard lock is held (drop_if_empty takes
+        // them in the other order): collect first, then look.
+        let all: Vec<(Arc<str>, Arc<Mutex<ChannelState>>)> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let s = s.read().expect("hub lock");
+                s.iter()
+                    .map(|(c, st)| (c.clone(), st.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.into_iter()
+            .filter(|(_, st)| st.lock().expect("channel lock").position.is_some())
+            .map(|(c, _)| c)
+            .collect()
     }
 
     /// Subscriptions across all channels.
@@ -221,68 +668,328 @@ impl Hub {
     }
 }
 
+fn hold(held: &mut Vec<Arc<Envelope>>, env: Arc<Envelope>) {
+    if held.len() >= MAX_HELD {
+        // Dropped from the hold only: an offset-carrying message is in history, which
+        // the repair reads. Counted, because a raw message cannot be read back.
+        held.remove(0);
+        metrics::counter!(m::HELD_OVERFLOW_TOTAL).increment(1);
+        tracing::warn!("repair hold full; dropping its oldest message");
+    }
+    held.push(env);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::Inbox;
 
-    fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, mpsc::Receiver<Bytes>) {
+    fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, Inbox) {
         let control = Arc::new(Control::new(CancellationToken::new()));
-        let (outbox, rx) = Outbox::new(cap, control);
-        (Subscriber { id, codec, outbox }, rx)
+        let (outbox, rx) = Outbox::new(cap, 1 << 20, control);
+        (Subscriber::new(id, codec, outbox, false), rx)
+    }
+
+    fn env(offset: u64, epoch: &str, data: &str) -> Arc<Envelope> {
+        let payload =
+            format!(r#"{{"fanout":1,"offset":{offset},"epoch":"{epoch}","data":{data},"ts":1}}"#);
+        let e = Envelope::decode(payload.as_bytes(), 0);
+        assert_eq!(e.offset, Some(offset), "{payload}");
+        Arc::new(e)
+    }
+
+    fn numbered(offset: u64) -> Arc<Envelope> {
+        env(offset, "e1", &format!(r#"{{"n":{offset}}}"#))
+    }
+
+    fn history(top: u64, offsets: impl IntoIterator<Item = u64>) -> HistoryRead {
+        HistoryRead {
+            epoch: Some("e1".into()),
+            top,
+            entries: offsets.into_iter().map(numbered).collect(),
+        }
+    }
+
+    /// Frames queued for a subscriber, as JSON values.
+    fn drain(rx: &mut Inbox) -> Vec<serde_json::Value> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .collect()
+    }
+
+    fn offsets(frames: &[serde_json::Value]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .map(|f| f["offset"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Joins `id` with no `since`, reading `top` as the position.
+    fn join_live(hub: &Hub, ch: &str, sub: Subscriber, top: u64) {
+        let id = sub.id;
+        hub.join(Arc::from(ch), sub);
+        let joined = hub.complete_join(
+            ch,
+            id,
+            Join {
+                id: None,
+                since: None,
+                send_entries: false,
+                history: history(top, []),
+            },
+        );
+        assert_eq!(joined, Joined::Live { recovered: None });
     }
 
     #[test]
     fn dispatch_shares_one_encoding_per_codec() {
         let hub = Hub::new(4);
-        let ch: Arc<str> = Arc::from("user:1");
         let (a, mut ra) = subscriber(1, Codec::Json, 8);
         let (b, mut rb) = subscriber(2, Codec::Json, 8);
         let (c, mut rc) = subscriber(3, Codec::MsgPack, 8);
-        hub.add(ch.clone(), a);
-        hub.add(ch.clone(), b);
-        hub.add(ch.clone(), c);
-        let env = Envelope::decode(br#"{"x":1}"#, 5);
-        assert_eq!(hub.dispatch("user:1", &env), 3);
+        for s in [a, b, c] {
+            join_live(&hub, "user:1", s, 0);
+        }
+        for rx in [&mut ra, &mut rb, &mut rc] {
+            rx.try_recv().expect("subscribed");
+        }
+        let d = hub.deliver("user:1", Arc::new(Envelope::decode(br#"{"x":1}"#, 5)));
+        assert_eq!(d.queued, 3);
         let fa = ra.try_recv().unwrap();
         let fb = rb.try_recv().unwrap();
         // Same allocation: the bytes were encoded once and shared.
         assert_eq!(fa.as_ptr(), fb.as_ptr());
         let fc = rc.try_recv().unwrap();
         assert_ne!(fa, fc);
-        assert_eq!(hub.dispatch("user:2", &env), 0);
+        let none = hub.deliver("user:2", Arc::new(Envelope::decode(b"1", 5)));
+        assert_eq!(none.queued, 0);
     }
 
     #[test]
     fn full_outbox_closes_only_that_subscriber() {
         let hub = Hub::new(4);
-        let ch: Arc<str> = Arc::from("user:1");
         let (slow, _rs) = subscriber(1, Codec::Json, 2);
         let (fast, mut rf) = subscriber(2, Codec::Json, 100);
         let slow_control = slow.outbox.control().clone();
         let fast_control = fast.outbox.control().clone();
-        hub.add(ch.clone(), slow);
-        hub.add(ch.clone(), fast);
-        let env = Envelope::decode(b"1", 0);
-        for _ in 0..10 {
-            hub.dispatch("user:1", &env);
+        join_live(&hub, "user:1", slow, 0);
+        join_live(&hub, "user:1", fast, 0);
+        for n in 1..=10 {
+            hub.deliver("user:1", numbered(n));
         }
         assert_eq!(slow_control.code(), Some(CloseCode::SlowConsumer));
         assert_eq!(fast_control.code(), None);
-        let mut got = 0;
-        while rf.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 10);
+        assert_eq!(offsets(&drain(&mut rf)), (1..=10).collect::<Vec<_>>());
     }
 
     #[test]
     fn remove_cleans_up() {
         let hub = Hub::new(2);
-        let (a, _ra) = subscriber(1, Codec::Json, 1);
-        hub.add(Arc::from("user:1"), a);
+        let (a, _ra) = subscriber(1, Codec::Json, 4);
+        join_live(&hub, "user:1", a, 0);
         assert_eq!((hub.channels(), hub.subscriptions()), (1, 1));
+        assert!(hub.contains("user:1", 1));
         assert!(hub.remove("user:1", 1));
         assert!(!hub.remove("user:1", 1));
+        assert_eq!((hub.channels(), hub.subscriptions()), (0, 0));
+    }
+
+    #[test]
+    fn join_sends_recovered_then_waiting_without_duplicates() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        hub.join(Arc::from("c:x"), a);
+        // Live messages while the history read is under way: 5 is also in the read.
+        hub.deliver("c:x", numbered(5));
+        hub.deliver("c:x", numbered(6));
+        let since = Since {
+            offset: 2,
+            epoch: "e1".into(),
+        };
+        let joined = hub.complete_join(
+            "c:x",
+            1,
+            Join {
+                id: None,
+                since: Some(&since),
+                send_entries: false,
+                history: history(5, 3..=5),
+            },
+        );
+        assert_eq!(
+            joined,
+            Joined::Live {
+                recovered: Some(true)
+            }
+        );
+        let frames = drain(&mut ra);
+        assert_eq!(frames[0]["type"], "subscribed");
+        assert_eq!(frames[0]["recovered"], true);
+        assert_eq!(frames[0]["offset"], 5);
+        assert_eq!(offsets(&frames), vec![3, 4, 5, 6]);
+        hub.deliver("c:x", numbered(7));
+        hub.deliver("c:x", numbered(7));
+        assert_eq!(offsets(&drain(&mut ra)), vec![7]);
+    }
+
+    #[test]
+    fn since_beyond_history_is_not_recovered() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        hub.join(Arc::from("c:x"), a);
+        let since = Since {
+            offset: 2,
+            epoch: "e1".into(),
+        };
+        // History starts at 6: 3..=5 were trimmed.
+        let joined = hub.complete_join(
+            "c:x",
+            1,
+            Join {
+                id: None,
+                since: Some(&since),
+                send_entries: false,
+                history: history(8, 6..=8),
+            },
+        );
+        assert_eq!(
+            joined,
+            Joined::Live {
+                recovered: Some(false)
+            }
+        );
+        let frames = drain(&mut ra);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["recovered"], false);
+        assert_eq!(frames[0]["offset"], 8);
+    }
+
+    #[test]
+    fn a_gap_holds_the_channel_until_repaired() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 3);
+        drain(&mut ra);
+        assert!(!hub.deliver("c:x", numbered(4)).repair);
+        let d = hub.deliver("c:x", numbered(7));
+        assert!(d.repair);
+        // Held meanwhile, in order.
+        hub.deliver("c:x", numbered(8));
+        assert_eq!(offsets(&drain(&mut ra)), vec![4]);
+        let pos = hub.begin_repair("c:x").unwrap();
+        assert_eq!(pos.offset, 4);
+        assert!(hub.begin_repair("c:x").is_none(), "one repair at a time");
+        hub.deliver("c:x", numbered(9));
+        let d = hub.finish_repair("c:x", Some(history(8, 5..=8)));
+        // 7 and 8 were held and also read from history: dropped as duplicates.
+        assert_eq!((d.repaired, d.duplicates, d.repair), (4, 2, false));
+        assert_eq!(offsets(&drain(&mut ra)), vec![5, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn a_failed_read_keeps_holding() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 1);
+        drain(&mut ra);
+        assert!(hub.deliver("c:x", numbered(3)).repair);
+        hub.begin_repair("c:x").unwrap();
+        assert!(hub.finish_repair("c:x", None).repair);
+        hub.begin_repair("c:x").unwrap();
+        let d = hub.finish_repair("c:x", Some(history(3, [2, 3])));
+        assert!(!d.repair);
+        assert_eq!(offsets(&drain(&mut ra)), vec![2, 3]);
+    }
+
+    #[test]
+    fn a_lost_history_resets_subscribers() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 10);
+        drain(&mut ra);
+        // Redis came back empty: a new epoch starts at 1.
+        assert!(hub.deliver("c:x", env(1, "e2", "1")).repair);
+        hub.begin_repair("c:x").unwrap();
+        let d = hub.finish_repair(
+            "c:x",
+            Some(HistoryRead {
+                epoch: Some("e2".into()),
+                top: 1,
+                entries: vec![env(1, "e2", "1")],
+            }),
+        );
+        assert!(d.reset);
+        let frames = drain(&mut ra);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0]["type"], "subscribed");
+        assert_eq!(frames[0]["recovered"], false);
+        assert_eq!(frames[0]["epoch"], "e2");
+        assert_eq!(frames[0]["offset"], 1);
+        hub.deliver("c:x", env(2, "e2", "2"));
+        assert_eq!(offsets(&drain(&mut ra)), vec![2]);
+    }
+
+    #[test]
+    fn a_late_joiner_is_not_sent_what_it_read() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        let (b, mut rb) = subscriber(2, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 3);
+        // b read history up to 5 while 4 and 5 are still on their way to the node.
+        hub.join(Arc::from("c:x"), b);
+        hub.complete_join(
+            "c:x",
+            2,
+            Join {
+                id: None,
+                since: None,
+                send_entries: true,
+                history: history(5, 4..=5),
+            },
+        );
+        for n in 4..=6 {
+            hub.deliver("c:x", numbered(n));
+        }
+        assert_eq!(offsets(&drain(&mut ra)), vec![4, 5, 6]);
+        assert_eq!(offsets(&drain(&mut rb)), vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn a_terminal_status_ends_job_subscriptions() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "job_progress:7", a, 0);
+        drain(&mut ra);
+        hub.deliver("job_progress:7", env(1, "e1", r#"{"pct":50}"#));
+        let d = hub.deliver("job_progress:7", env(2, "e1", r#"{"status":"succeeded"}"#));
+        assert_eq!(d.ended, 1);
+        let frames = drain(&mut ra);
+        assert_eq!(offsets(&frames), vec![1, 2]);
+        assert_eq!(frames[2]["type"], "unsubscribed");
+        assert_eq!(frames[2]["reason"], "completed");
+        assert_eq!((hub.channels(), hub.subscriptions()), (0, 0));
+        // A later subscriber gets the final state, then the same end.
+        let (b, mut rb) = subscriber(2, Codec::Json, 64);
+        hub.join(Arc::from("job_progress:7"), b);
+        let joined = hub.complete_join(
+            "job_progress:7",
+            2,
+            Join {
+                id: None,
+                since: None,
+                send_entries: true,
+                history: HistoryRead {
+                    epoch: Some("e1".into()),
+                    top: 2,
+                    entries: vec![env(2, "e1", r#"{"status":"succeeded"}"#)],
+                },
+            },
+        );
+        assert_eq!(joined, Joined::Ended);
+        let frames = drain(&mut rb);
+        let types: Vec<_> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["subscribed", "message", "unsubscribed"]);
         assert_eq!((hub.channels(), hub.subscriptions()), (0, 0));
     }
 }

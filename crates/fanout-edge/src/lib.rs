@@ -29,6 +29,8 @@ mod http;
 pub mod hub;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
+pub mod recovery;
 pub mod rules;
 mod session;
 pub mod subscriptions;

@@ -27,6 +27,15 @@ pub const PUBSUB_LAG_SECONDS: &str = "fanout_pubsub_lag_seconds";
 pub const BROKER_SUBSCRIBE_SECONDS: &str = "fanout_broker_subscribe_seconds";
 pub const API_REQUESTS_TOTAL: &str = "fanout_api_requests_total";
 pub const INTERNAL_ERRORS_TOTAL: &str = "fanout_internal_errors_total";
+pub const RECOVERIES_TOTAL: &str = "fanout_recoveries_total";
+pub const GAP_REPAIRS_TOTAL: &str = "fanout_gap_repairs_total";
+pub const REPAIRED_MESSAGES_TOTAL: &str = "fanout_repaired_messages_total";
+pub const DUPLICATES_DROPPED_TOTAL: &str = "fanout_duplicates_dropped_total";
+pub const HELD_OVERFLOW_TOTAL: &str = "fanout_repair_hold_overflow_total";
+pub const JOBS_COMPLETED_TOTAL: &str = "fanout_job_subscriptions_completed_total";
+pub const CONFLATED_MESSAGES_TOTAL: &str = "fanout_conflated_messages_total";
+pub const OUTBOUND_QUEUE_BYTES: &str = "fanout_outbound_queue_bytes";
+pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -115,7 +124,7 @@ fn describe() {
     describe_counter!(
         SLOW_CONSUMER_CLOSES_TOTAL,
         Unit::Count,
-        "Connections closed with 4009 because their queue was full."
+        "Connections closed with 4009 because their queue was full, by the limit hit (messages, bytes)."
     );
     describe_counter!(
         BROKER_LAGGED_MESSAGES_TOTAL,
@@ -147,6 +156,51 @@ fn describe() {
         BROKER_SUBSCRIBE_SECONDS,
         Unit::Seconds,
         "Time to subscribe a batch of channels at the broker."
+    );
+    describe_counter!(
+        RECOVERIES_TOTAL,
+        Unit::Count,
+        "Subscribes with `since`, by outcome (recovered, not_recovered)."
+    );
+    describe_counter!(
+        GAP_REPAIRS_TOTAL,
+        Unit::Count,
+        "Gap repairs that changed something, by outcome (repaired: missed messages delivered; reset: history could not cover the gap, subscribers told recovered:false)."
+    );
+    describe_counter!(
+        REPAIRED_MESSAGES_TOTAL,
+        Unit::Count,
+        "Messages delivered from history by gap repairs."
+    );
+    describe_counter!(
+        DUPLICATES_DROPPED_TOTAL,
+        Unit::Count,
+        "Messages with an offset already delivered, dropped."
+    );
+    describe_counter!(
+        HELD_OVERFLOW_TOTAL,
+        Unit::Count,
+        "Messages dropped from a channel's repair hold because it was full."
+    );
+    describe_counter!(
+        JOBS_COMPLETED_TOTAL,
+        Unit::Count,
+        "Job subscriptions ended by a terminal status."
+    );
+    describe_counter!(
+        CONFLATED_MESSAGES_TOTAL,
+        Unit::Count,
+        "Queued messages replaced by a newer one of the same channel (conflating namespaces)."
+    );
+    describe_gauge!(
+        OUTBOUND_QUEUE_BYTES,
+        Unit::Bytes,
+        "Bytes waiting in the outbound queues of all connections."
+    );
+    describe_counter!(
+        BROKER_PROBE_FAILURES_TOTAL,
+        Unit::Count,
+        "Liveness probes of the Redis subscriber connection that failed or timed out (each forces a reconnect)."
     );
     describe_counter!(
         INTERNAL_ERRORS_TOTAL,

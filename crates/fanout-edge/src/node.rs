@@ -21,6 +21,7 @@ use crate::broker::{Broker, BrokerError, BrokerSink};
 use crate::config::{BrokerSettings, Settings};
 use crate::hub::{Control, Hub, SessionId};
 use crate::metrics as m;
+use crate::recovery::{self, Repairs};
 use crate::subscriptions::{self, Subscriptions};
 
 #[derive(Debug, Error)]
@@ -146,16 +147,27 @@ impl Node {
         })?;
         let hub = Arc::new(Hub::default());
         let (subscriptions, commands) = Subscriptions::channel();
-        let sink = BrokerSink::new(hub.clone(), subscriptions.clone());
+        let (repairs, repair_requests) = Repairs::channel();
+        let sink = BrokerSink::new(hub.clone(), subscriptions.clone(), repairs.clone());
         let broker: Arc<dyn Broker> = match &settings.broker {
             BrokerSettings::Memory => Arc::new(MemoryBroker::new(sink)),
-            BrokerSettings::Redis { url } => Arc::new(RedisBroker::connect(url, sink).await?),
+            BrokerSettings::Redis { url, probe } => {
+                Arc::new(RedisBroker::connect(url, *probe, sink).await?)
+            }
         };
         let tracker = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
         tracker.spawn(subscriptions::run(
             broker.clone(),
             commands,
+            repairs,
+            shutdown.clone(),
+        ));
+        tracker.spawn(recovery::run(
+            hub.clone(),
+            broker.clone(),
+            subscriptions.clone(),
+            repair_requests,
             shutdown.clone(),
         ));
         let shared = Arc::new(Shared {
@@ -175,6 +187,7 @@ impl Node {
         metrics::gauge!(m::CONNECTIONS).set(0.0);
         metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);
         metrics::gauge!(m::CHANNELS).set(0.0);
+        metrics::gauge!(m::OUTBOUND_QUEUE_BYTES).set(0.0);
         metrics::gauge!(m::BROKER_UP).set(if shared.broker.is_ready() { 1.0 } else { 0.0 });
         let upkeep = shared.clone();
         tracker.spawn(async move {
@@ -187,6 +200,7 @@ impl Node {
                         // Sampled too (events alone miss the command connection).
                         let up = if upkeep.broker.is_ready() { 1.0 } else { 0.0 };
                         metrics::gauge!(m::BROKER_UP).set(up);
+                        metrics::gauge!(m::OUTBOUND_QUEUE_BYTES).set(crate::outbox::queued_bytes() as f64);
                     }
                 }
             }

@@ -47,6 +47,9 @@ pub struct Namespace {
     pub history: HistoryPolicy,
     pub presence: bool,
     pub join_leave: bool,
+    /// A slow consumer keeps only the newest queued message per channel of this
+    /// namespace instead of being closed with 4009 (progress and state channels).
+    pub conflate: bool,
 }
 
 impl Namespace {
@@ -59,6 +62,7 @@ impl Namespace {
             history: HistoryPolicy::default(),
             presence: false,
             join_leave: false,
+            conflate: false,
         }
     }
 }
@@ -102,6 +106,7 @@ impl Namespaces {
             history: HistoryPolicy::default(),
             presence: false,
             join_leave: false,
+            conflate: false,
         };
         let job = Namespace {
             name: "job_progress".into(),
@@ -110,9 +115,11 @@ impl Namespaces {
             history: HistoryPolicy {
                 size: 100,
                 ttl: Duration::from_secs(24 * 3600),
+                finished_ttl: Some(Duration::from_secs(3600)),
             },
             presence: false,
             join_leave: false,
+            conflate: false,
         };
         let mut unknown = Namespace::configured("");
         unknown.subscribe = SubscribeRule::Claim;

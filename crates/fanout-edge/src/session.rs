@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanout_protocol::{
-    ClientFrame, CloseCode, Codec, DecodedFrame, ErrorCode, FrameId, ServerFrame, SubscribedInfo,
+    ClientFrame, CloseCode, Codec, DecodedFrame, ErrorCode, FrameId, ServerFrame, Since,
 };
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
 use hyper::upgrade::Upgraded;
@@ -23,10 +23,11 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Principal};
-use crate::broker::BrokerError;
-use crate::hub::{Control, Outbox, SessionId, Subscriber};
+use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
+use crate::hub::{Control, Join, Joined, SessionId, Subscriber};
 use crate::metrics as m;
 use crate::node::Shared;
+use crate::outbox::{Inbox, Outbox};
 use crate::rules::Grant;
 
 /// Frames written before the writer flushes, at most.
@@ -60,7 +61,11 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
 
     let id = shared.next_session_id();
     let control = Arc::new(Control::new(shared.shutdown.child_token()));
-    let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue_messages, control.clone());
+    let (outbox, outbox_rx) = Outbox::new(
+        shared.settings.limits.queue_messages,
+        shared.settings.limits.queue_bytes,
+        control.clone(),
+    );
     let (pongs_tx, pongs_rx) = mpsc::channel::<Bytes>(4);
     let writer_task = tokio::spawn(write_loop(
         writer,
@@ -369,9 +374,9 @@ impl Session {
                 channel,
                 token,
                 since,
-                last: _,
+                last,
             } => {
-                self.subscribe(id, &channel, token.as_deref(), since.is_some())
+                self.subscribe(id, &channel, token.as_deref(), since.as_ref(), last)
                     .await
             }
             ClientFrame::Unsubscribe { channel } => self.unsubscribe(id, &channel),
@@ -430,7 +435,8 @@ impl Session {
         id: Option<&FrameId>,
         name: &str,
         token: Option<&str>,
-        since: bool,
+        since: Option<&Since>,
+        last: Option<u32>,
     ) {
         let shared = self.shared.clone();
         let principal = self.principal.as_ref().expect("authenticated");
@@ -438,6 +444,23 @@ impl Session {
             Ok(c) => c,
             Err(r) => return self.error(id, r.code, &r.message),
         };
+        if since.is_some() && last.is_some() {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                "`since` and `last` cannot be combined",
+            );
+        }
+        if last.is_some_and(|n| n > MAX_HISTORY_READ) {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                &format!("`last` is at most {MAX_HISTORY_READ}"),
+            );
+        }
+        // Subscriptions the hub ended (a finished job) are gone from the hub already.
+        self.channels
+            .retain(|c, ()| shared.hub.contains(c, self.id));
         if self.channels.contains_key(name) {
             return self.error(
                 id,
@@ -483,6 +506,15 @@ impl Session {
                 "the broker is unavailable; retry shortly",
             );
         }
+        let namespace = shared.settings.namespaces.for_channel(&channel);
+        let conflate = namespace.conflate;
+        // A job's latest state comes at once, unless the client asked for something else.
+        let query = match (since, last) {
+            (Some(s), _) => HistoryQuery::After(s.offset),
+            (None, Some(n)) => HistoryQuery::Last(n),
+            (None, None) if channel.namespace() == "job_progress" => HistoryQuery::Last(1),
+            (None, None) => HistoryQuery::Last(0),
+        };
         let channel: Arc<str> = Arc::from(name);
         if let Err(error) = shared.subscriptions.acquire(channel.clone()).await {
             tracing::warn!(session = self.id, %error, "broker subscribe failed");
@@ -492,40 +524,51 @@ impl Session {
                 "the broker is unavailable; retry shortly",
             );
         }
-        // `subscribed` goes into the queue before the session joins the hub, so that it
-        // precedes every message of the channel.
-        let info = SubscribedInfo {
-            offset: None,
-            epoch: None,
-            // History recovery is not offered by this node yet: a client that asked to
-            // recover is told it must reload.
-            recovered: since.then_some(false),
-        };
-        self.send(&ServerFrame::Subscribed {
-            id,
-            channel: name,
-            info,
-        });
-        shared.hub.add(
+        // Joined before history is read: live messages that arrive meanwhile wait in
+        // the hub, and the join sends each message once, in order.
+        shared.hub.join(
             channel.clone(),
-            Subscriber {
-                id: self.id,
-                codec: self.codec,
-                outbox: self.outbox.clone(),
+            Subscriber::new(self.id, self.codec, self.outbox.clone(), conflate),
+        );
+        let history = match shared.broker.history(name, query).await {
+            Ok(h) => h,
+            Err(error) => {
+                tracing::warn!(session = self.id, %channel, %error, "history read failed");
+                if shared.hub.remove(&channel, self.id) {
+                    shared.subscriptions.release(channel);
+                }
+                return self.error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable; retry shortly",
+                );
+            }
+        };
+        let joined = shared.hub.complete_join(
+            &channel,
+            self.id,
+            Join {
+                id,
+                since,
+                send_entries: !matches!(query, HistoryQuery::Last(0)),
+                history,
             },
         );
-        self.channels.insert(channel, ());
+        match joined {
+            Joined::Live { .. } => {
+                self.channels.insert(channel, ());
+            }
+            Joined::Ended => {
+                metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1);
+                shared.subscriptions.release(channel);
+            }
+            Joined::Gone => shared.subscriptions.release(channel),
+        }
     }
 
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
         match self.channels.remove_entry(name) {
-            None => self.error(
-                id,
-                ErrorCode::BadRequest,
-                &format!("not subscribed to {name}"),
-            ),
-            Some((channel, ())) => {
-                self.shared.hub.remove(&channel, self.id);
+            Some((channel, ())) if self.shared.hub.remove(&channel, self.id) => {
                 self.shared.subscriptions.release(channel);
                 self.send(&ServerFrame::Unsubscribed {
                     id,
@@ -533,6 +576,12 @@ impl Session {
                     reason: "client",
                 });
             }
+            // Never subscribed, or the subscription already ended (a finished job).
+            _ => self.error(
+                id,
+                ErrorCode::BadRequest,
+                &format!("not subscribed to {name}"),
+            ),
         }
     }
 
@@ -557,6 +606,13 @@ impl Session {
             return self.error(id, r.code, &r.message);
         }
         let history = shared.settings.namespaces.for_channel(&channel).history;
+        if !shared.broker.is_ready() {
+            return self.error(
+                id,
+                ErrorCode::Unavailable,
+                "the broker is unavailable; nothing was published",
+            );
+        }
         let raw: Box<RawValue> = serde_json::value::to_raw_value(data).expect("a Value serializes");
         match shared.broker.publish(name, event, &raw, history).await {
             Ok(ack) => {
@@ -619,8 +675,9 @@ impl Session {
 
     fn cleanup(&mut self) {
         for (channel, ()) in self.channels.drain() {
-            self.shared.hub.remove(&channel, self.id);
-            self.shared.subscriptions.release(channel);
+            if self.shared.hub.remove(&channel, self.id) {
+                self.shared.subscriptions.release(channel);
+            }
         }
         if let Some(p) = &self.principal {
             self.shared.unregister(self.id, &p.user);
@@ -632,7 +689,7 @@ impl Session {
 
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut ws: fastwebsockets::WebSocketWrite<BufWriter<W>>,
-    mut outbox: mpsc::Receiver<Bytes>,
+    mut outbox: Inbox,
     mut pongs: mpsc::Receiver<Bytes>,
     control: Arc<Control>,
     node_shutdown: CancellationToken,
@@ -656,7 +713,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         // What is already queued (replies, messages) goes out before the
                         // close frame; not for a slow consumer, whose queue is the problem.
                         if code != CloseCode::SlowConsumer.code() {
-                            while let Ok(next) = outbox.try_recv() {
+                            while let Some(next) = outbox.try_recv() {
                                 ws.write_frame(data_frame(codec, &next)).await?;
                             }
                         }
@@ -714,15 +771,15 @@ async fn guarded(
 /// once.
 async fn write_burst<W: AsyncWrite + Unpin>(
     ws: &mut fastwebsockets::WebSocketWrite<BufWriter<W>>,
-    outbox: &mut mpsc::Receiver<Bytes>,
+    outbox: &mut Inbox,
     first: Bytes,
     codec: Codec,
 ) -> Result<(), WebSocketError> {
     ws.write_frame(data_frame(codec, &first)).await?;
     for _ in 1..BURST {
         match outbox.try_recv() {
-            Ok(next) => ws.write_frame(data_frame(codec, &next)).await?,
-            Err(_) => break,
+            Some(next) => ws.write_frame(data_frame(codec, &next)).await?,
+            None => break,
         }
     }
     ws.flush().await

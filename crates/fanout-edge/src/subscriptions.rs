@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{Broker, BrokerError};
 use crate::metrics as m;
+use crate::recovery::Repairs;
 
 /// Largest number of channels in one SUBSCRIBE / UNSUBSCRIBE.
 const BATCH: usize = 512;
@@ -67,6 +68,7 @@ impl Subscriptions {
 pub(crate) async fn run(
     broker: Arc<dyn Broker>,
     mut rx: mpsc::UnboundedReceiver<Command>,
+    repairs: Repairs,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut state = State {
@@ -123,9 +125,21 @@ pub(crate) async fn run(
         let failed = state.subscribe(&to_subscribe).await;
         state.unsubscribe(&to_unsubscribe).await;
         let mut retry_failed = HashSet::new();
+        let mut retried = Vec::new();
         if retry_now {
             let (again, _) = state.plan(retry.drain().collect());
             retry_failed = state.subscribe(&again).await.into_keys().collect();
+            retried = again;
+        }
+        // A channel subscribed again after a reconnect (or a failed attempt) may have
+        // missed messages meanwhile: its history is checked against what was dispatched.
+        // (A first subscribe needs no repair: the hub has no position for it yet.)
+        if resubscribe || !retried.is_empty() {
+            for c in to_subscribe.iter().chain(retried.iter()) {
+                if state.subscribed.contains(c) {
+                    repairs.request(c);
+                }
+            }
         }
         let mut acquired = Vec::new();
         for (channel, reply) in waiting {

@@ -63,6 +63,23 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// Whether `data` marks the end of a job: an object whose `status` is `succeeded`,
+/// `failed` or `cancelled`.
+pub fn data_is_terminal(data: &RawValue) -> bool {
+    #[derive(Deserialize)]
+    struct Status<'a> {
+        #[serde(borrow, default)]
+        status: Option<&'a str>,
+    }
+    if !data.get().starts_with('{') {
+        return false;
+    }
+    serde_json::from_str::<Status<'_>>(data.get())
+        .ok()
+        .and_then(|s| s.status)
+        .is_some_and(|s| crate::TERMINAL_STATUSES.contains(&s))
+}
+
 impl Envelope {
     /// Decodes a Redis payload. Never fails: a payload that is not a fanout envelope is
     /// the data itself, and one that is not JSON at all is delivered as a JSON string.
@@ -131,18 +148,7 @@ impl Envelope {
 
     /// Whether the data marks the end of a job: an object whose `status` is terminal.
     pub fn is_terminal(&self) -> bool {
-        #[derive(Deserialize)]
-        struct Status<'a> {
-            #[serde(borrow)]
-            status: Option<&'a str>,
-        }
-        if !self.data.get().starts_with('{') {
-            return false;
-        }
-        serde_json::from_str::<Status<'_>>(self.data.get())
-            .ok()
-            .and_then(|s| s.status)
-            .is_some_and(|s| crate::TERMINAL_STATUSES.contains(&s))
+        data_is_terminal(&self.data)
     }
 
     /// Encodes the `message` frame for `channel` in one codec. Called once per codec per

@@ -25,8 +25,13 @@ pub fn history_key(channel: &str) -> String {
 /// `ARGV[2]` = envelope body (from [`Envelope::encode_body`](crate::Envelope::encode_body),
 /// starting with `{`), `ARGV[3]` = history size (0 = keep none), `ARGV[4]` = TTL of
 /// both keys in seconds, `ARGV[5]` = epoch to use if the channel has none, `ARGV[6]` =
-/// `1` to publish with SPUBLISH (Redis Cluster). Returns `{offset, epoch}`.
+/// `1` to publish with SPUBLISH (Redis Cluster), `ARGV[7]` = a TTL replacing `ARGV[4]`
+/// (a finished job's history) or `0`. Returns `{offset, epoch}`.
 pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
+
+/// Atomic history read: the channel's epoch, its last offset and envelopes from its
+/// stream, in one step (see the header of `history.lua` for the arguments).
+pub const HISTORY_SCRIPT: &str = include_str!("history.lua");
 
 #[cfg(test)]
 mod tests {

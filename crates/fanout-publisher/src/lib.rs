@@ -63,6 +63,9 @@ pub struct HistoryPolicy {
     pub size: u32,
     /// How long history (and the offset/epoch) outlives the last publish.
     pub ttl: Duration,
+    /// For `job_progress`: how long a finished job's history lives after its terminal
+    /// message (`status` succeeded / failed / cancelled). `None` = `ttl`.
+    pub finished_ttl: Option<Duration>,
 }
 
 impl Default for HistoryPolicy {
@@ -70,6 +73,7 @@ impl Default for HistoryPolicy {
         HistoryPolicy {
             size: 100,
             ttl: Duration::from_secs(3600),
+            finished_ttl: None,
         }
     }
 }
@@ -186,6 +190,7 @@ impl Publisher {
             (policy.ttl.as_secs().max(1) as i64).into(),
             new_epoch().into(),
             if self.sharded { "1" } else { "0" }.into(),
+            finished_ttl(channel, data, policy).into(),
         ];
         let reply: Value = match self
             .client
@@ -250,6 +255,7 @@ fn builtin_history() -> HashMap<String, HistoryPolicy> {
         HistoryPolicy {
             size: 100,
             ttl: Duration::from_secs(24 * 3600),
+            finished_ttl: Some(Duration::from_secs(3600)),
         },
     )])
 }
@@ -271,6 +277,18 @@ pub(crate) fn completion_data<T: Serialize + ?Sized>(
     result: &T,
 ) -> Result<serde_json::Value, serde_json::Error> {
     Ok(serde_json::json!({"status": status, "result": serde_json::to_value(result)?}))
+}
+
+/// The TTL a terminal `job_progress` message gives its channel's history, else 0.
+fn finished_ttl(channel: &str, data: &RawValue, policy: HistoryPolicy) -> i64 {
+    match policy.finished_ttl {
+        Some(ttl)
+            if channel.starts_with("job_progress:") && fanout_protocol::data_is_terminal(data) =>
+        {
+            ttl.as_secs().max(1) as i64
+        }
+        _ => 0,
+    }
 }
 
 fn parse_ack(reply: Value) -> Result<PublishAck, PublishError> {

@@ -1,34 +1,56 @@
 //! The embedded in-memory broker: a single node with no Redis (`cargo run` on a fresh
-//! machine). Offsets count per channel from 1 in an epoch chosen at start. Publishes go
-//! through the same decode-once path as Redis messages.
+//! machine). Each channel gets an epoch when its history starts; offsets count from 1;
+//! the newest messages are kept per the namespace's history policy, and the whole
+//! history (epoch included) is dropped once it outlives its TTL — as in Redis. Publishes
+//! go through the same decode-once path as Redis messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use fanout_protocol::Envelope;
 use fanout_publisher::{HistoryPolicy, PublishAck};
 use serde_json::value::RawValue;
 
-use super::{Broker, BrokerError, BrokerSink};
+use super::{Broker, BrokerError, BrokerSink, HistoryQuery, HistoryRead, MAX_HISTORY_READ};
 
 pub struct MemoryBroker {
     sink: BrokerSink,
-    epoch: String,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    offsets: HashMap<String, u64>,
+    channels: HashMap<String, ChannelHistory>,
     subscribed: HashSet<Arc<str>>,
+}
+
+struct ChannelHistory {
+    epoch: String,
+    offset: u64,
+    kept: VecDeque<Arc<Envelope>>,
+    expires: Instant,
+}
+
+impl State {
+    /// The channel's history, unless it expired (then it is gone, as in Redis).
+    fn live(&mut self, channel: &str) -> Option<&mut ChannelHistory> {
+        if self
+            .channels
+            .get(channel)
+            .is_some_and(|h| h.expires <= Instant::now())
+        {
+            self.channels.remove(channel);
+        }
+        self.channels.get_mut(channel)
+    }
 }
 
 impl MemoryBroker {
     pub fn new(sink: BrokerSink) -> MemoryBroker {
         MemoryBroker {
             sink,
-            epoch: crate::config::random_token(12),
             state: Mutex::new(State::default()),
         }
     }
@@ -63,28 +85,84 @@ impl Broker for MemoryBroker {
         channel: &str,
         event: Option<&str>,
         data: &RawValue,
-        _history: HistoryPolicy,
+        history: HistoryPolicy,
     ) -> Result<PublishAck, BrokerError> {
         // The lock spans offset assignment and dispatch so that subscribers see offsets
         // in order; dispatch never waits.
         let mut state = self.state.lock().expect("memory broker lock");
-        let offset = state.offsets.entry(channel.to_string()).or_insert(0);
-        *offset += 1;
+        if state.live(channel).is_none() {
+            state.channels.insert(
+                channel.to_string(),
+                ChannelHistory {
+                    epoch: crate::config::random_token(12),
+                    offset: 0,
+                    kept: VecDeque::new(),
+                    expires: Instant::now(),
+                },
+            );
+        }
+        let h = state.channels.get_mut(channel).expect("inserted above");
+        h.offset += 1;
         let envelope = Envelope {
             data: data.to_owned(),
             event: event.map(str::to_string),
-            offset: Some(*offset),
-            epoch: Some(self.epoch.clone()),
+            offset: Some(h.offset),
+            epoch: Some(h.epoch.clone()),
             ts: fanout_protocol::now_ms(),
         };
+        let ttl = match history.finished_ttl {
+            Some(t) if channel.starts_with("job_progress:") && envelope.is_terminal() => t,
+            _ => history.ttl,
+        };
+        h.expires = Instant::now() + ttl;
+        let encoded = envelope.encode();
+        if history.size > 0 {
+            h.kept.push_back(Arc::new(envelope));
+            while h.kept.len() > history.size as usize {
+                h.kept.pop_front();
+            }
+        }
         let ack = PublishAck {
-            offset: *offset,
-            epoch: self.epoch.clone(),
+            offset: h.offset,
+            epoch: h.epoch.clone(),
         };
         if state.subscribed.contains(channel) {
-            self.sink.deliver(channel, envelope.encode().as_bytes());
+            self.sink.deliver(channel, encoded.as_bytes());
         }
         Ok(ack)
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryRead, BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        let Some(h) = state.live(channel) else {
+            return Ok(HistoryRead::default());
+        };
+        let entries = match query {
+            HistoryQuery::After(after) => h
+                .kept
+                .iter()
+                .filter(|e| e.offset.is_some_and(|o| o > after))
+                .take(MAX_HISTORY_READ as usize)
+                .cloned()
+                .collect(),
+            HistoryQuery::Last(n) => {
+                let n = n.min(MAX_HISTORY_READ) as usize;
+                h.kept
+                    .iter()
+                    .skip(h.kept.len().saturating_sub(n))
+                    .cloned()
+                    .collect()
+            }
+        };
+        Ok(HistoryRead {
+            epoch: Some(h.epoch.clone()),
+            top: h.offset,
+            entries,
+        })
     }
 
     async fn shutdown(&self) {}

@@ -28,6 +28,29 @@ pub enum BrokerError {
     Invalid(String),
 }
 
+/// What to read from a channel's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// Every kept message with an offset greater than this.
+    After(u64),
+    /// The newest `n` messages (0: only the position).
+    Last(u32),
+}
+
+/// A channel's position and the history asked for, read atomically.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryRead {
+    /// `None` when the channel has no history (never published with offsets, or expired).
+    pub epoch: Option<String>,
+    /// The last offset given out (0 when none).
+    pub top: u64,
+    /// Oldest first.
+    pub entries: Vec<Arc<Envelope>>,
+}
+
+/// The most history entries one read returns.
+pub const MAX_HISTORY_READ: u32 = 10_000;
+
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// `memory` or `redis`.
@@ -44,6 +67,9 @@ pub trait Broker: Send + Sync + 'static {
         data: &RawValue,
         history: HistoryPolicy,
     ) -> Result<PublishAck, BrokerError>;
+    /// Reads the channel's epoch, last offset and kept messages, atomically.
+    async fn history(&self, channel: &str, query: HistoryQuery)
+        -> Result<HistoryRead, BrokerError>;
     /// Closes connections.
     async fn shutdown(&self);
 }
@@ -53,11 +79,20 @@ pub trait Broker: Send + Sync + 'static {
 pub struct BrokerSink {
     hub: Arc<Hub>,
     subscriptions: Subscriptions,
+    repairs: crate::recovery::Repairs,
 }
 
 impl BrokerSink {
-    pub(crate) fn new(hub: Arc<Hub>, subscriptions: Subscriptions) -> BrokerSink {
-        BrokerSink { hub, subscriptions }
+    pub(crate) fn new(
+        hub: Arc<Hub>,
+        subscriptions: Subscriptions,
+        repairs: crate::recovery::Repairs,
+    ) -> BrokerSink {
+        BrokerSink {
+            hub,
+            subscriptions,
+            repairs,
+        }
     }
 
     /// One message from the broker: decoded once, dispatched to local subscribers. A
@@ -79,12 +114,23 @@ impl BrokerSink {
         metrics::counter!(m::BROKER_MESSAGES_TOTAL).increment(1);
         metrics::histogram!(m::PUBSUB_LAG_SECONDS)
             .record(now.saturating_sub(envelope.ts) as f64 / 1000.0);
-        let n = self.hub.dispatch(channel, &envelope);
-        metrics::counter!(m::DELIVERIES_TOTAL).increment(n as u64);
+        let d = self.hub.deliver(channel, Arc::new(envelope));
+        crate::recovery::account(&self.subscriptions, channel, &d);
+        if d.repair {
+            self.repairs.request(channel);
+        }
     }
 
     /// The broker connection came back: every channel must be subscribed again.
     pub fn reconnected(&self) {
         self.subscriptions.resubscribe();
+    }
+
+    /// Messages were skipped between the broker connection and this node: every
+    /// channel with a position is checked against its history.
+    pub fn lagged(&self) {
+        for channel in self.hub.positioned_channels() {
+            self.repairs.request(&channel);
+        }
     }
 }

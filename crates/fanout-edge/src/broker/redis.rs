@@ -13,12 +13,14 @@ use fred::prelude::*;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Broker, BrokerError, BrokerSink};
+use super::{Broker, BrokerError, BrokerSink, HistoryQuery, HistoryRead, MAX_HISTORY_READ};
 use crate::metrics as m;
+use fanout_protocol::{layout, Envelope};
 
 pub struct RedisBroker {
     subscriber: Client,
     publisher: Publisher,
+    history_sha: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -40,13 +42,64 @@ fn builder(url: &str, notification_capacity: usize) -> Result<Builder, BrokerErr
             c.connection_timeout = Duration::from_secs(5);
             c.internal_command_timeout = Duration::from_secs(5);
             c.max_command_attempts = 1;
+            // A command left unanswered this long means the connection is dead: fred
+            // closes it and reconnects.
+            c.unresponsive = fred::types::config::UnresponsiveConfig {
+                max_timeout: Some(Duration::from_secs(10)),
+                interval: Duration::from_secs(2),
+            };
             c.tcp = fred::types::config::TcpConfig {
                 nodelay: Some(true),
                 ..Default::default()
             };
         })
-        .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
+        .set_policy({
+            // Capped exponential backoff (100 ms → 5 s) with up to 250 ms of jitter,
+            // so that a fleet of nodes does not reconnect in lockstep.
+            let mut policy = ReconnectPolicy::new_exponential(0, 100, 5_000, 2);
+            policy.set_jitter(250);
+            policy
+        });
     Ok(builder)
+}
+
+/// `{epoch or '', top, {envelope…}}` from the history script.
+fn parse_history(reply: Value, newest_first: bool) -> Result<HistoryRead, BrokerError> {
+    let bad = |what: &str| BrokerError::Unavailable(format!("unexpected history reply: {what}"));
+    let Value::Array(mut parts) = reply else {
+        return Err(bad("not an array"));
+    };
+    if parts.len() != 3 {
+        return Err(bad("wrong length"));
+    }
+    let raw_entries = parts.pop().expect("three parts");
+    let top = parts
+        .pop()
+        .expect("three parts")
+        .as_u64()
+        .ok_or_else(|| bad("top"))?;
+    let epoch = parts
+        .pop()
+        .expect("three parts")
+        .as_string()
+        .filter(|e| !e.is_empty());
+    let mut entries: Vec<Arc<Envelope>> = match raw_entries {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|v| v.as_bytes())
+            .map(|b| Arc::new(Envelope::decode(b, 0)))
+            .collect(),
+        Value::Null => Vec::new(),
+        _ => return Err(bad("entries")),
+    };
+    if newest_first {
+        entries.reverse();
+    }
+    Ok(HistoryRead {
+        epoch,
+        top,
+        entries,
+    })
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -55,7 +108,11 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 impl RedisBroker {
     /// Connects both clients; fails if Redis cannot be reached at start.
-    pub async fn connect(url: &str, sink: BrokerSink) -> Result<RedisBroker, BrokerError> {
+    pub async fn connect(
+        url: &str,
+        probe: Duration,
+        sink: BrokerSink,
+    ) -> Result<RedisBroker, BrokerError> {
         let subscriber = builder(url, SUBSCRIBER_BUFFER)?
             .build()
             .map_err(unavailable)?;
@@ -80,10 +137,11 @@ impl RedisBroker {
                     },
                     Err(RecvError::Lagged(n)) => {
                         metrics::counter!(m::BROKER_LAGGED_MESSAGES_TOTAL).increment(n);
-                        tracing::error!(
+                        tracing::warn!(
                             skipped = n,
-                            "node fell behind its Redis subscriber connection; messages skipped"
+                            "node fell behind its Redis subscriber connection; repairing from history"
                         );
+                        reader_sink.lagged();
                     }
                     Err(RecvError::Closed) => break,
                 }
@@ -118,10 +176,36 @@ impl RedisBroker {
                 }
             }
         });
+        // A subscriber connection that carries no messages can be dead without TCP
+        // noticing (a frozen Redis, a dropped NAT entry): it is probed with PING, and
+        // a probe unanswered in time forces a reconnect — which resubscribes and repairs.
+        let prober = subscriber.clone();
+        let probe_task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(probe);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !prober.is_connected() {
+                    continue;
+                }
+                let answered = tokio::time::timeout(probe, prober.ping::<Value>(None)).await;
+                if let Ok(Ok(_)) = answered {
+                    continue;
+                }
+                metrics::counter!(m::BROKER_PROBE_FAILURES_TOTAL).increment(1);
+                metrics::gauge!(m::BROKER_UP).set(0.0);
+                tracing::warn!(
+                    timeout_ms = probe.as_millis() as u64,
+                    "redis subscriber connection did not answer its liveness probe; reconnecting"
+                );
+                let _ = tokio::time::timeout(probe, prober.force_reconnection()).await;
+            }
+        });
         Ok(RedisBroker {
             subscriber,
             publisher: Publisher::from_client(command),
-            tasks: vec![reader, events],
+            history_sha: fred::util::sha1_hash(layout::HISTORY_SCRIPT),
+            tasks: vec![reader, events, probe_task],
         })
     }
 }
@@ -170,6 +254,35 @@ impl Broker for RedisBroker {
                 PublishError::Data(e) => BrokerError::Invalid(e.to_string()),
                 other => unavailable(other),
             })
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryRead, BrokerError> {
+        let (mode, n) = match query {
+            HistoryQuery::After(after) => ("after", after),
+            HistoryQuery::Last(n) => ("last", n as u64),
+        };
+        let keys = vec![layout::meta_key(channel), layout::history_key(channel)];
+        let args: Vec<Value> = vec![
+            mode.into(),
+            (n as i64).into(),
+            (MAX_HISTORY_READ as i64).into(),
+        ];
+        let client = self.publisher.client();
+        let reply: Value = match client
+            .evalsha(self.history_sha.as_str(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => client
+                .eval(layout::HISTORY_SCRIPT, keys, args)
+                .await
+                .map_err(unavailable)?,
+            other => other.map_err(unavailable)?,
+        };
+        parse_history(reply, matches!(query, HistoryQuery::Last(_)))
     }
 
     async fn shutdown(&self) {

@@ -53,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
             let policy = HistoryPolicy {
                 size: size.unwrap_or(d.size),
                 ttl: ttl.map(Duration::from_secs).unwrap_or(d.ttl),
+                finished_ttl: None,
             };
             let ns = args
                 .channel
