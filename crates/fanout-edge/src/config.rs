@@ -114,6 +114,11 @@ pub struct Limits {
     /// Outbound bytes queued per connection before it counts as a slow consumer
     /// (close 4009). With `max_connections` this bounds the node's queue memory.
     pub queue_bytes: usize,
+    /// Frames and bytes the node may queue on top of those bounds when it replays
+    /// messages itself (a `since` recovery, a gap repair). A `since` that does not fit
+    /// answers `recovered:false`; a repair that does not fit closes 4009.
+    pub replay_messages: usize,
+    pub replay_bytes: usize,
     /// Client frames per second (token bucket refill) and burst.
     pub messages_per_second: u32,
     pub message_burst: u32,
@@ -135,6 +140,8 @@ impl Default for Limits {
             max_subscriptions: 256,
             queue_messages: 1024,
             queue_bytes: 1024 * 1024,
+            replay_messages: 10_000,
+            replay_bytes: 16 * 1024 * 1024,
             messages_per_second: 50,
             message_burst: 100,
             rate_limit_strikes: 20,
@@ -146,6 +153,16 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The bounds of each connection's outbound queue.
+    pub fn queue(&self) -> crate::outbox::QueueLimits {
+        crate::outbox::QueueLimits {
+            messages: self.queue_messages,
+            bytes: self.queue_bytes,
+            replay_messages: self.replay_messages,
+            replay_bytes: self.replay_bytes,
+        }
+    }
+
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
     }
@@ -346,7 +363,7 @@ impl Settings {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let checks: [(&str, bool, &str); 9] = [
+    let checks: [(&str, bool, &str); 11] = [
         (
             "limits.max_message_size",
             l.max_message_size >= 256,
@@ -370,6 +387,16 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         (
             "limits.queue_bytes",
             l.queue_bytes >= 1024,
+            "must be at least 1024",
+        ),
+        (
+            "limits.replay_messages",
+            l.replay_messages >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.replay_bytes",
+            l.replay_bytes >= 1024,
             "must be at least 1024",
         ),
         (

@@ -94,11 +94,38 @@ impl Subscriber {
     }
 }
 
-/// Where a channel's stream stands: the last offset dispatched, in an epoch.
+/// Where a channel's stream stands: the last offset dispatched, in an epoch. No epoch
+/// (offset 0): the channel had no history when the node looked, so its first message
+/// will be offset 1 of a new epoch — and one that arrives later than that is a gap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    pub epoch: String,
+    pub epoch: Option<String>,
     pub offset: u64,
+}
+
+impl Position {
+    fn new(epoch: Option<String>, top: u64) -> Position {
+        match epoch {
+            Some(epoch) => Position {
+                epoch: Some(epoch),
+                offset: top,
+            },
+            None => Position {
+                epoch: None,
+                offset: 0,
+            },
+        }
+    }
+
+    /// Whether history read as `epoch` continues this position's stream.
+    fn continued_by(&self, epoch: Option<&str>) -> bool {
+        match (self.epoch.as_deref(), epoch) {
+            (Some(a), Some(b)) => a == b,
+            // Nothing had been published: any epoch begun since continues it.
+            (None, _) => true,
+            (Some(_), None) => false,
+        }
+    }
 }
 
 /// A subscriber whose `subscribed` is not sent yet: it is reading history, and live
@@ -150,7 +177,7 @@ fn check(position: &Option<Position>, env: &Envelope) -> Check {
         // No offset (a raw PUBLISH), or nothing to compare with yet.
         return Check::Accept;
     };
-    if p.epoch != epoch {
+    if !p.continued_by(Some(epoch)) {
         return Check::Gap;
     }
     match offset.cmp(&(p.offset + 1)) {
@@ -347,11 +374,16 @@ impl Hub {
         };
         let Joining { sub, waiting } = st.joining.swap_remove(i);
         let h = join.history;
+        // What history can give, within the connection's replay budget: a `since`
+        // that cannot be replayed whole is not recovered (the client reloads instead of
+        // being flooded); `last` and a job's latest state keep the newest that fit.
+        let fit = fitting_suffix(&sub.outbox, &h.entries);
         let recovered = join.since.map(|s| {
             h.epoch.as_deref() == Some(s.epoch.as_str())
                 && s.offset <= h.top
                 && (s.offset == h.top
                     || h.entries.first().and_then(|e| e.offset) == Some(s.offset + 1))
+                && fit == h.entries.len()
         });
         if let Some(r) = recovered {
             let outcome = if r { "recovered" } else { "not_recovered" };
@@ -369,7 +401,7 @@ impl Hub {
         }));
         let from_history: &[Arc<Envelope>] = match (recovered, join.send_entries) {
             (Some(true), _) => &h.entries,
-            (None, true) => &h.entries,
+            (None, true) => &h.entries[h.entries.len() - fit..],
             _ => &[],
         };
         let mut ended = false;
@@ -377,24 +409,21 @@ impl Hub {
             // What the history read already covered is not sent twice.
             !(e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top))
         })) {
-            sub.outbox.push(e.encode_message(channel, sub.codec));
+            sub.outbox.push_replay(e.encode_message(channel, sub.codec));
             if is_job(channel) && e.is_terminal() {
                 ended = true;
                 break;
             }
         }
         let mut sub = sub;
-        match (&st.position, h.epoch) {
-            (None, Some(epoch)) => {
-                st.position = Some(Position {
-                    epoch,
-                    offset: h.top,
-                })
-            }
+        match &st.position {
+            None => st.position = Some(Position::new(h.epoch, h.top)),
             // The node's stream is behind what this subscriber read (messages in
             // flight, or a repair under way): those are not sent to it twice.
-            (Some(p), Some(epoch)) if p.epoch == epoch && p.offset < h.top => sub.skip_to = h.top,
-            _ => {}
+            Some(p) if p.continued_by(h.epoch.as_deref()) && p.offset < h.top => {
+                sub.skip_to = h.top
+            }
+            Some(_) => {}
         }
         if ended {
             sub.outbox
@@ -473,7 +502,7 @@ impl Hub {
         }
         match check(&st.position, &envelope) {
             Check::Accept => {
-                self.accept(&mut st, channel, &envelope, &mut out);
+                self.accept(&mut st, channel, &envelope, &mut out, false);
                 if out.ended > 0 {
                     self.drop_if_empty(channel, &st, &state);
                 }
@@ -487,19 +516,22 @@ impl Hub {
         out
     }
 
+    /// Dispatches the next message of the channel's stream. `replay`: the node is
+    /// catching up (a repair), so the frames go within the replay budget.
     fn accept(
         &self,
         st: &mut ChannelState,
         channel: &str,
         env: &Arc<Envelope>,
         out: &mut Delivery,
+        replay: bool,
     ) {
         if let (Some(offset), Some(epoch)) = (env.offset, env.epoch.as_deref()) {
             match st.position.as_mut() {
-                Some(p) if p.epoch == epoch => p.offset = offset,
+                Some(p) if p.epoch.as_deref() == Some(epoch) => p.offset = offset,
                 _ => {
                     st.position = Some(Position {
-                        epoch: epoch.to_string(),
+                        epoch: Some(epoch.to_string()),
                         offset,
                     })
                 }
@@ -514,6 +546,8 @@ impl Hub {
             let frame = encoded.frame(sub.codec);
             let queued = if sub.conflate {
                 sub.outbox.push_conflated(&st.name, frame)
+            } else if replay {
+                sub.outbox.push_replay(frame)
             } else {
                 sub.outbox.push(frame)
             };
@@ -571,10 +605,9 @@ impl Hub {
             return out;
         };
         let held = st.held.take().unwrap_or_default();
-        let Some(position) = st.position.clone() else {
-            return out;
-        };
-        let contiguous = h.epoch.as_deref() == Some(position.epoch.as_str())
+        // A repair only starts with a position.
+        let position = st.position.clone().unwrap_or(Position::new(None, 0));
+        let contiguous = position.continued_by(h.epoch.as_deref())
             && h.top >= position.offset
             && (h.top == position.offset
                 || h.entries
@@ -589,16 +622,13 @@ impl Hub {
                 .filter(|e| e.offset > Some(position.offset))
             {
                 if matches!(check(&st.position, e), Check::Accept) {
-                    self.accept(&mut st, channel, e, &mut out);
+                    self.accept(&mut st, channel, e, &mut out, true);
                     out.repaired += 1;
                 }
             }
         } else {
             out.reset = true;
-            st.position = h.epoch.clone().map(|epoch| Position {
-                epoch,
-                offset: h.top,
-            });
+            st.position = Some(Position::new(h.epoch.clone(), h.top));
             let info = SubscribedInfo {
                 offset: h.epoch.as_ref().map(|_| h.top),
                 epoch: h.epoch.clone(),
@@ -617,7 +647,7 @@ impl Hub {
         let mut rest = held.into_iter();
         while let Some(e) = rest.next() {
             match check(&st.position, &e) {
-                Check::Accept => self.accept(&mut st, channel, &e, &mut out),
+                Check::Accept => self.accept(&mut st, channel, &e, &mut out, true),
                 Check::Duplicate => out.duplicates += 1,
                 Check::Gap => {
                     let mut again = vec![e];
@@ -668,6 +698,27 @@ impl Hub {
     }
 }
 
+/// How many of `entries`, counted from the newest, fit the outbox's replay budget.
+fn fitting_suffix(outbox: &Outbox, entries: &[Arc<Envelope>]) -> usize {
+    // The frame's size, closely enough: data, event and the frame's fixed fields.
+    let size =
+        |e: &Arc<Envelope>| e.data.get().len() + e.event.as_ref().map_or(0, String::len) + 128;
+    let total: usize = entries.iter().map(size).sum();
+    if outbox.replay_fits(entries.len(), total) {
+        return entries.len();
+    }
+    let mut bytes = 0;
+    let mut n = 0;
+    for e in entries.iter().rev() {
+        if !outbox.replay_fits(n + 1, bytes + size(e)) {
+            break;
+        }
+        bytes += size(e);
+        n += 1;
+    }
+    n
+}
+
 fn hold(held: &mut Vec<Arc<Envelope>>, env: Arc<Envelope>) {
     if held.len() >= MAX_HELD {
         // Dropped from the hold only: an offset-carrying message is in history, which
@@ -686,7 +737,13 @@ mod tests {
 
     fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, Inbox) {
         let control = Arc::new(Control::new(CancellationToken::new()));
-        let (outbox, rx) = Outbox::new(cap, 1 << 20, control);
+        let limits = crate::outbox::QueueLimits {
+            messages: cap,
+            bytes: 1 << 20,
+            replay_messages: 1000,
+            replay_bytes: 1 << 20,
+        };
+        let (outbox, rx) = Outbox::new(limits, control);
         (Subscriber::new(id, codec, outbox, false), rx)
     }
 

@@ -3,9 +3,12 @@
 //! [`Inbox`]. A push that would pass either bound marks the connection a slow consumer
 //! and closes it with 4009 — unless the message's channel conflates: then only its
 //! newest message is kept, in a side slot per channel that the writer sends once the
-//! queue has drained. Every queued byte is counted node-wide, so the memory held for
-//! slow clients is visible (`fanout_outbound_queue_bytes`) and bounded by
-//! `queue_bytes × max_connections`.
+//! queue has drained.
+//!
+//! Messages the node replays on its own initiative (a `since` recovery, a gap repair)
+//! are not the client's fault: they go on top of the bound, within a separate replay
+//! budget, and the bound applies again on top of them until the queue has drained.
+//! Every queued byte is counted node-wide (`fanout_outbound_queue_bytes`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +31,13 @@ pub fn queued_bytes() -> usize {
 struct State {
     control: Arc<Control>,
     slow: AtomicBool,
+    messages: AtomicUsize,
     bytes: AtomicUsize,
-    max_bytes: usize,
+    limits: QueueLimits,
+    /// Replayed frames still counted against the replay budget (reset when the queue
+    /// drains).
+    replay_messages: AtomicUsize,
+    replay_bytes: AtomicUsize,
     /// Whether `pending` may hold something (checked without the lock).
     conflating: AtomicBool,
     /// The newest message per conflated channel, in order of first arrival.
@@ -37,16 +45,28 @@ struct State {
     wake: Notify,
 }
 
+/// The bounds of one connection's queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Frames queued by live traffic before the connection is a slow consumer.
+    pub messages: usize,
+    /// Bytes likewise (a single larger frame is still accepted into an empty queue).
+    pub bytes: usize,
+    /// Frames and bytes the node may replay on top (recovery, gap repair).
+    pub replay_messages: usize,
+    pub replay_bytes: usize,
+}
+
 /// The pushing side (cloned into every channel the connection subscribes to).
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::UnboundedSender<Bytes>,
     state: Arc<State>,
 }
 
 /// The writer's side.
 pub struct Inbox {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::UnboundedReceiver<Bytes>,
     state: Arc<State>,
 }
 
@@ -56,15 +76,16 @@ enum Refused {
 }
 
 impl Outbox {
-    /// A queue of at most `messages` frames and `bytes` bytes (one frame larger than
-    /// `bytes` is still accepted into an empty queue).
-    pub fn new(messages: usize, bytes: usize, control: Arc<Control>) -> (Outbox, Inbox) {
-        let (tx, rx) = mpsc::channel(messages);
+    pub fn new(limits: QueueLimits, control: Arc<Control>) -> (Outbox, Inbox) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             control,
             slow: AtomicBool::new(false),
+            messages: AtomicUsize::new(0),
             bytes: AtomicUsize::new(0),
-            max_bytes: bytes,
+            limits,
+            replay_messages: AtomicUsize::new(0),
+            replay_bytes: AtomicUsize::new(0),
             conflating: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             wake: Notify::new(),
@@ -78,26 +99,35 @@ impl Outbox {
         )
     }
 
-    fn try_push(&self, frame: Bytes) -> Result<(), Refused> {
+    fn enqueue(&self, frame: Bytes) -> Result<(), Refused> {
         let len = frame.len();
-        let before = self.state.bytes.fetch_add(len, Ordering::Relaxed);
-        if before > 0 && before + len > self.state.max_bytes {
-            self.state.bytes.fetch_sub(len, Ordering::Relaxed);
-            return Err(Refused::Full("bytes", frame));
-        }
-        match self.tx.try_send(frame) {
+        self.state.messages.fetch_add(1, Ordering::Relaxed);
+        self.state.bytes.fetch_add(len, Ordering::Relaxed);
+        match self.tx.send(frame) {
             Ok(()) => {
                 QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => {
+            Err(_) => {
+                self.state.messages.fetch_sub(1, Ordering::Relaxed);
                 self.state.bytes.fetch_sub(len, Ordering::Relaxed);
-                match e {
-                    mpsc::error::TrySendError::Full(frame) => Err(Refused::Full("messages", frame)),
-                    mpsc::error::TrySendError::Closed(_) => Err(Refused::Closed),
-                }
+                Err(Refused::Closed)
             }
         }
+    }
+
+    fn try_push(&self, frame: Bytes) -> Result<(), Refused> {
+        let s = &self.state;
+        let extra_messages = s.replay_messages.load(Ordering::Relaxed);
+        let extra_bytes = s.replay_bytes.load(Ordering::Relaxed);
+        if s.messages.load(Ordering::Relaxed) >= s.limits.messages + extra_messages {
+            return Err(Refused::Full("messages", frame));
+        }
+        let bytes = s.bytes.load(Ordering::Relaxed);
+        if bytes > extra_bytes && bytes + frame.len() > s.limits.bytes + extra_bytes {
+            return Err(Refused::Full("bytes", frame));
+        }
+        self.enqueue(frame)
     }
 
     /// Queues a frame without waiting. A full queue marks the connection a slow
@@ -141,6 +171,27 @@ impl Outbox {
         }
     }
 
+    /// Queues a frame the node replays (recovery, gap repair): on top of the live
+    /// bound, within the replay budget. Past the budget the connection is closed
+    /// with 4009 (it recovers by reconnecting with `since`).
+    pub fn push_replay(&self, frame: Bytes) -> bool {
+        let s = &self.state;
+        let messages = s.replay_messages.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = s.replay_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
+        if messages > s.limits.replay_messages || bytes > s.limits.replay_bytes {
+            self.slow("replay");
+            return false;
+        }
+        self.enqueue(frame).is_ok()
+    }
+
+    /// Whether `messages` frames of `bytes` in all fit the replay budget now.
+    pub fn replay_fits(&self, messages: usize, bytes: usize) -> bool {
+        let s = &self.state;
+        s.replay_messages.load(Ordering::Relaxed) + messages <= s.limits.replay_messages
+            && s.replay_bytes.load(Ordering::Relaxed) + bytes <= s.limits.replay_bytes
+    }
+
     fn slow(&self, limit: &'static str) {
         if !self.state.slow.swap(true, Ordering::Relaxed) {
             metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL, "limit" => limit).increment(1);
@@ -159,7 +210,7 @@ impl Outbox {
 
     /// Frames waiting in the queue.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.state.messages.load(Ordering::Relaxed)
     }
 
     /// Bytes waiting in the queue.
@@ -170,8 +221,15 @@ impl Outbox {
 
 impl Inbox {
     fn taken(&self, frame: &Bytes) {
-        self.state.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+        let s = &self.state;
+        s.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
         QUEUED_BYTES.fetch_sub(frame.len(), Ordering::Relaxed);
+        if s.messages.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // Drained: whatever was replayed has been written; the live bound applies
+            // from scratch.
+            s.replay_messages.store(0, Ordering::Relaxed);
+            s.replay_bytes.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The oldest conflated message, once the queue has drained.
@@ -232,11 +290,13 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     fn outbox(messages: usize, bytes: usize) -> (Outbox, Inbox) {
-        Outbox::new(
+        let limits = QueueLimits {
             messages,
             bytes,
-            Arc::new(Control::new(CancellationToken::new())),
-        )
+            replay_messages: 100,
+            replay_bytes: 1 << 20,
+        };
+        Outbox::new(limits, Arc::new(Control::new(CancellationToken::new())))
     }
 
     #[test]
@@ -273,6 +333,36 @@ mod tests {
             ]
         );
         assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn replays_go_on_top_of_the_bound_within_their_budget() {
+        let (o, mut i) = outbox(2, 1 << 20);
+        for _ in 0..50 {
+            assert!(o.push_replay(Bytes::from_static(b"r")));
+        }
+        // The live bound applies on top of the replay.
+        assert!(o.push(Bytes::from_static(b"1")));
+        assert!(o.push(Bytes::from_static(b"2")));
+        assert_eq!(o.control().code(), None);
+        assert_eq!(std::iter::from_fn(|| i.try_recv()).count(), 52);
+        // Drained: the budget is whole again, and the bound is 2 again.
+        assert!(o.replay_fits(100, 1000));
+        assert!(o.push(Bytes::from_static(b"1")));
+        assert!(o.push(Bytes::from_static(b"2")));
+        assert!(!o.push(Bytes::from_static(b"3")));
+        assert_eq!(o.control().code(), Some(CloseCode::SlowConsumer));
+    }
+
+    #[test]
+    fn a_replay_past_its_budget_closes_with_4009() {
+        let (o, _i) = outbox(2, 1 << 20);
+        assert!(!o.replay_fits(101, 1));
+        for _ in 0..100 {
+            assert!(o.push_replay(Bytes::from_static(b"r")));
+        }
+        assert!(!o.push_replay(Bytes::from_static(b"r")));
+        assert_eq!(o.control().code(), Some(CloseCode::SlowConsumer));
     }
 
     #[tokio::test]

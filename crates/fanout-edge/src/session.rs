@@ -61,11 +61,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
 
     let id = shared.next_session_id();
     let control = Arc::new(Control::new(shared.shutdown.child_token()));
-    let (outbox, outbox_rx) = Outbox::new(
-        shared.settings.limits.queue_messages,
-        shared.settings.limits.queue_bytes,
-        control.clone(),
-    );
+    let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue(), control.clone());
     let (pongs_tx, pongs_rx) = mpsc::channel::<Bytes>(4);
     let writer_task = tokio::spawn(write_loop(
         writer,

@@ -106,7 +106,9 @@ impl Publisher {
             .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(5);
-                c.max_command_attempts = 2;
+                // No blind resend: a publish whose reply was lost may have been applied,
+                // and sending it again would deliver it twice under a new offset.
+                c.max_command_attempts = 1;
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
             .build()?;

@@ -138,6 +138,28 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (`SIGSTOP`): connections stay open but nothing is answered,
+    /// like a hung host. [`resume`](Self::resume) undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`pause`](Self::pause)d server run again (`SIGCONT`).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(signal)
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill(1) runs");
+            assert!(status.success(), "kill {signal} failed");
+        }
+    }
+
     /// Starts the server again on the same port and directory (so an append-only file
     /// is replayed).
     pub fn restart(&mut self) -> Result<(), TestkitError> {
@@ -187,6 +209,8 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // A paused server would ignore SIGKILL's cleanup until continued.
+        self.resume();
         self.kill();
     }
 }

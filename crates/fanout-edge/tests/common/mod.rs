@@ -155,3 +155,72 @@ pub fn config_file(text: &str) -> tempfile::TempPath {
     f.write_all(text.as_bytes()).unwrap();
     f.into_temp_path()
 }
+
+/// The sum of every sample of `/metrics` whose line starts with `series` (a name, or a
+/// name with the start of its labels, e.g. `fanout_x_total{outcome="reset"`).
+pub async fn metric(node: &Node, series: &str) -> f64 {
+    let text = fanout_testkit::http(node.local_addr(), "GET", "/metrics", None, None)
+        .await
+        .1;
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(series).is_some_and(|rest| {
+                series.contains('{') || rest.starts_with(' ') || rest.starts_with('{')
+            })
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `GET /api/stats` with the admin token.
+pub async fn stats(node: &Node) -> Value {
+    let (status, body) =
+        fanout_testkit::http(node.local_addr(), "GET", "/api/stats", Some(ADMIN), None).await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The status of `GET /readyz`.
+pub async fn readyz(node: &Node) -> u16 {
+    fanout_testkit::http(node.local_addr(), "GET", "/readyz", None, None)
+        .await
+        .0
+}
+
+/// Waits (up to 20 s) until `check` holds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Frames up to and including the message whose `data.n` is `last`; panics on a close.
+pub async fn read_until_n(client: &mut WsClient, last: u64) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = client.recv().await;
+        let done = f["type"] == "message" && f["data"]["n"] == last;
+        frames.push(f);
+        if done {
+            return frames;
+        }
+    }
+}
+
+/// The `data.n` of every message among `frames`, in order.
+pub fn numbers(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| f["data"]["n"].as_u64().expect("numbered message"))
+        .collect()
+}
