@@ -988,6 +988,31 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_without_history_still_detects_a_gap() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        // Joined before anything was published: no epoch yet.
+        hub.join(Arc::from("c:x"), a);
+        hub.complete_join(
+            "c:x",
+            1,
+            Join {
+                id: None,
+                since: None,
+                send_entries: false,
+                history: HistoryRead::default(),
+            },
+        );
+        drain(&mut ra);
+        // Offsets 1 and 2 never arrived live.
+        assert!(hub.deliver("c:x", numbered(3)).repair);
+        assert_eq!(hub.begin_repair("c:x").unwrap().offset, 0);
+        let d = hub.finish_repair("c:x", Some(history(3, 1..=3)));
+        assert_eq!((d.repaired, d.reset), (3, false));
+        assert_eq!(offsets(&drain(&mut ra)), vec![1, 2, 3]);
+    }
+
+    #[test]
     fn a_late_joiner_is_not_sent_what_it_read() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);

@@ -140,6 +140,14 @@ impl Publisher {
         self
     }
 
+    /// The history policy used for channels of `namespace`.
+    pub fn history_for(&self, namespace: &str) -> HistoryPolicy {
+        self.history
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default_history)
+    }
+
     /// The underlying Redis client.
     pub fn client(&self) -> &Client {
         &self.client
@@ -165,11 +173,7 @@ impl Publisher {
         data: &RawValue,
     ) -> Result<PublishAck, PublishError> {
         let parsed = Channel::parse(channel)?;
-        let policy = self
-            .history
-            .get(parsed.namespace())
-            .copied()
-            .unwrap_or(self.default_history);
+        let policy = self.history_for(parsed.namespace());
         self.publish_with_history(channel, event, data, policy)
             .await
     }

@@ -49,18 +49,19 @@ async fn main() -> anyhow::Result<()> {
     let publisher = match (args.history_size, args.history_ttl) {
         (None, None) => publisher,
         (size, ttl) => {
-            let d = HistoryPolicy::default();
-            let policy = HistoryPolicy {
-                size: size.unwrap_or(d.size),
-                ttl: ttl.map(Duration::from_secs).unwrap_or(d.ttl),
-                finished_ttl: None,
-            };
             let ns = args
                 .channel
                 .split(':')
                 .next()
                 .unwrap_or_default()
                 .to_string();
+            // Only what was given changes; the rest (a finished job's TTL) stays.
+            let d = publisher.history_for(&ns);
+            let policy = HistoryPolicy {
+                size: size.unwrap_or(d.size),
+                ttl: ttl.map(Duration::from_secs).unwrap_or(d.ttl),
+                ..d
+            };
             publisher.with_history(&ns, policy)
         }
     };
