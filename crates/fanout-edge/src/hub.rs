@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use bytes::Bytes;
 use fanout_protocol::{CloseCode, Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
@@ -83,6 +83,28 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
+    /// Queues a message frame of `channel`.
+    // hot path: no allocation, no lock (unless the connection conflates and overflowed).
+    fn message(&self, channel: &Arc<str>, frame: Bytes, replay: bool) -> bool {
+        if self.conflate {
+            self.outbox.push_channel(channel, frame, true)
+        } else if replay {
+            self.outbox.push_replay(frame)
+        } else {
+            self.outbox.push(frame)
+        }
+    }
+
+    /// Queues a notice about `channel` (`subscribed`, `unsubscribed`): after the
+    /// channel's messages, never replacing them.
+    fn notice(&self, channel: &Arc<str>, frame: Bytes) -> bool {
+        if self.conflate {
+            self.outbox.push_channel(channel, frame, false)
+        } else {
+            self.outbox.push(frame)
+        }
+    }
+
     pub fn new(id: SessionId, codec: Codec, outbox: Outbox, conflate: bool) -> Subscriber {
         Subscriber {
             id,
@@ -133,6 +155,12 @@ impl Position {
 struct Joining {
     sub: Subscriber,
     waiting: Vec<Arc<Envelope>>,
+    /// The channel's position when it joined: every message accepted after that is
+    /// in `waiting`.
+    base: Option<Position>,
+    /// The position has since moved other than by accepting a message (another
+    /// joiner's read, a reset), so `base` no longer bounds what `waiting` lacks.
+    jumped: bool,
 }
 
 struct ChannelState {
@@ -212,7 +240,12 @@ pub struct Join<'a> {
     /// Send the entries read (`last: N`, or a job's latest state).
     pub send_entries: bool,
     pub history: HistoryRead,
+    /// How many reads were answered [`Joined::Stale`] before this one.
+    pub attempt: u32,
 }
+
+/// Reads a join may make before it completes with what it has.
+pub const MAX_JOIN_READS: u32 = 3;
 
 /// How a join ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -223,6 +256,9 @@ pub enum Joined {
     Ended,
     /// The session is no longer joining (it left meanwhile).
     Gone,
+    /// The read is older than what the node already dispatched on the channel: read
+    /// history again and complete with the fresher read (still joining meanwhile).
+    Stale,
 }
 
 /// Frames of one message, encoded at most once per codec.
@@ -293,6 +329,12 @@ impl Default for Hub {
     }
 }
 
+/// A channel's lock. A panic while it was held (contained and counted by the caller)
+/// must not make the channel unusable for everyone after.
+fn lock(state: &Mutex<ChannelState>) -> MutexGuard<'_, ChannelState> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Whether messages on `channel` can end its subscriptions (`job_progress`).
 fn is_job(channel: &str) -> bool {
     channel.starts_with("job_progress:")
@@ -315,7 +357,7 @@ impl Hub {
     fn state(&self, channel: &str) -> Option<Arc<Mutex<ChannelState>>> {
         self.shard(channel)
             .read()
-            .expect("hub lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .get(channel)
             .cloned()
     }
@@ -338,22 +380,28 @@ impl Hub {
     pub fn join(&self, channel: Arc<str>, sub: Subscriber) {
         loop {
             let state = {
-                let mut shard = self.shard(&channel).write().expect("hub lock");
+                let mut shard = self
+                    .shard(&channel)
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
                 shard
                     .entry(channel.clone())
                     .or_insert_with(|| Arc::new(Mutex::new(ChannelState::new(channel.clone()))))
                     .clone()
             };
-            let mut st = state.lock().expect("channel lock");
+            let mut st = lock(&state);
             // The state may have been dropped as empty between the two locks: join the
             // one the shard maps now.
             let current = self.state(&channel);
             if !current.is_some_and(|c| Arc::ptr_eq(&c, &state)) {
                 continue;
             }
+            let base = st.position.clone();
             st.joining.push(Joining {
                 sub,
                 waiting: Vec::new(),
+                base,
+                jumped: false,
             });
             self.count(1);
             return;
@@ -368,12 +416,26 @@ impl Hub {
         let Some(state) = self.state(channel) else {
             return Joined::Gone;
         };
-        let mut st = state.lock().expect("channel lock");
+        let mut st = lock(&state);
         let Some(i) = st.joining.iter().position(|j| j.sub.id == id) else {
             return Joined::Gone;
         };
-        let Joining { sub, waiting } = st.joining.swap_remove(i);
         let h = join.history;
+        // The read must reach what the node had dispatched before this subscriber
+        // joined (what it dispatched since is in `waiting`), or the messages in between
+        // would be neither in this read nor sent to it live.
+        let behind = |p: &Position| !p.continued_by(h.epoch.as_deref()) || p.offset > h.top;
+        let j = &st.joining[i];
+        let stale = if j.jumped {
+            st.position.as_ref().is_some_and(behind)
+        } else {
+            j.base.as_ref().is_some_and(behind)
+        };
+        if stale && join.attempt + 1 < MAX_JOIN_READS {
+            return Joined::Stale;
+        }
+        let Joining { sub, waiting, .. } = st.joining.swap_remove(i);
+        let name = st.name.clone();
         // What history can give, within the connection's replay budget: a `since`
         // that cannot be replayed whole is not recovered (the client reloads instead of
         // being flooded); `last` and a job's latest state keep the newest that fit.
@@ -382,7 +444,8 @@ impl Hub {
             h.epoch.as_deref() == Some(s.epoch.as_str())
                 && s.offset <= h.top
                 && (s.offset == h.top
-                    || h.entries.first().and_then(|e| e.offset) == Some(s.offset + 1))
+                    || (h.entries.first().and_then(|e| e.offset) == Some(s.offset + 1)
+                        && h.entries.last().and_then(|e| e.offset) == Some(h.top)))
                 && fit == h.entries.len()
         });
         if let Some(r) = recovered {
@@ -394,22 +457,32 @@ impl Hub {
             epoch: h.epoch.clone(),
             recovered,
         };
-        sub.outbox.push(sub.codec.encode(&ServerFrame::Subscribed {
-            id: join.id,
-            channel,
-            info,
-        }));
+        sub.notice(
+            &name,
+            sub.codec.encode(&ServerFrame::Subscribed {
+                id: join.id,
+                channel,
+                info,
+            }),
+        );
         let from_history: &[Arc<Envelope>] = match (recovered, join.send_entries) {
             (Some(true), _) => &h.entries,
             (None, true) => &h.entries[h.entries.len() - fit..],
             _ => &[],
         };
         let mut ended = false;
+        let mut sent: Option<u64> = None;
         for e in from_history.iter().chain(waiting.iter().filter(|e| {
             // What the history read already covered is not sent twice.
             !(e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top))
         })) {
-            sub.outbox.push_replay(e.encode_message(channel, sub.codec));
+            if let (Some(o), Some(last)) = (e.offset, sent) {
+                if o <= last && e.epoch == h.epoch {
+                    continue;
+                }
+            }
+            sent = e.offset.or(sent);
+            sub.message(&name, e.encode_message(channel, sub.codec), true);
             if is_job(channel) && e.is_terminal() {
                 ended = true;
                 break;
@@ -417,7 +490,12 @@ impl Hub {
         }
         let mut sub = sub;
         match &st.position {
-            None => st.position = Some(Position::new(h.epoch, h.top)),
+            None => {
+                st.position = Some(Position::new(h.epoch, h.top));
+                for j in st.joining.iter_mut() {
+                    j.jumped = true;
+                }
+            }
             // The node's stream is behind what this subscriber read (messages in
             // flight, or a repair under way): those are not sent to it twice.
             Some(p) if p.continued_by(h.epoch.as_deref()) && p.offset < h.top => {
@@ -426,12 +504,14 @@ impl Hub {
             Some(_) => {}
         }
         if ended {
-            sub.outbox
-                .push(sub.codec.encode(&ServerFrame::Unsubscribed {
+            sub.notice(
+                &name,
+                sub.codec.encode(&ServerFrame::Unsubscribed {
                     id: None,
                     channel,
                     reason: "completed",
-                }));
+                }),
+            );
             self.count(-1);
             self.drop_if_empty(channel, &st, &state);
             return Joined::Ended;
@@ -446,7 +526,7 @@ impl Hub {
         let Some(state) = self.state(channel) else {
             return false;
         };
-        let mut st = state.lock().expect("channel lock");
+        let mut st = lock(&state);
         let removed = if let Some(i) = st.live.iter().position(|s| s.id == id) {
             st.live.swap_remove(i);
             true
@@ -466,7 +546,7 @@ impl Hub {
     /// Whether session `id` is subscribed to (or joining) `channel`.
     pub fn contains(&self, channel: &str, id: SessionId) -> bool {
         self.state(channel).is_some_and(|state| {
-            let st = state.lock().expect("channel lock");
+            let st = lock(&state);
             st.live.iter().any(|s| s.id == id) || st.joining.iter().any(|j| j.sub.id == id)
         })
     }
@@ -478,7 +558,10 @@ impl Hub {
         if st.is_empty() && !st.repairing {
             // A joiner that cloned this state meanwhile notices it is no longer mapped
             // (see `join`) and starts over.
-            let mut shard = self.shard(channel).write().expect("hub lock");
+            let mut shard = self
+                .shard(channel)
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
             if shard.get(channel).is_some_and(|c| Arc::ptr_eq(c, state)) {
                 shard.remove(channel);
             }
@@ -495,7 +578,7 @@ impl Hub {
         let Some(state) = self.state(channel) else {
             return out;
         };
-        let mut st = state.lock().expect("channel lock");
+        let mut st = lock(&state);
         if let Some(held) = st.held.as_mut() {
             hold(held, envelope);
             return out;
@@ -543,15 +626,7 @@ impl Hub {
             if offset <= sub.skip_to {
                 continue;
             }
-            let frame = encoded.frame(sub.codec);
-            let queued = if sub.conflate {
-                sub.outbox.push_conflated(&st.name, frame)
-            } else if replay {
-                sub.outbox.push_replay(frame)
-            } else {
-                sub.outbox.push(frame)
-            };
-            if queued {
+            if sub.message(&st.name, encoded.frame(sub.codec), replay) {
                 out.queued += 1;
             }
         }
@@ -565,8 +640,9 @@ impl Hub {
                 channel,
                 reason: "completed",
             });
+            let name = st.name.clone();
             for sub in st.live.drain(..) {
-                sub.outbox.push(notice.frame(sub.codec));
+                sub.notice(&name, notice.frame(sub.codec));
                 out.ended += 1;
             }
             self.count(-(out.ended as isize));
@@ -577,7 +653,7 @@ impl Hub {
     /// on its messages are held. Returns the position to read history after.
     pub fn begin_repair(&self, channel: &str) -> Option<Position> {
         let state = self.state(channel)?;
-        let mut st = state.lock().expect("channel lock");
+        let mut st = lock(&state);
         if st.repairing {
             return None;
         }
@@ -589,6 +665,14 @@ impl Hub {
         Some(position)
     }
 
+    /// Whether `channel` holds messages with no repair under way.
+    pub fn needs_repair(&self, channel: &str) -> bool {
+        self.state(channel).is_some_and(|state| {
+            let st = lock(&state);
+            st.held.is_some() && !st.repairing
+        })
+    }
+
     /// Applies a repair's history read: the missing messages in order, then what was
     /// held. If history cannot fill the gap (trimmed, expired, or a new epoch), every
     /// subscriber is told `recovered:false` with the new position. `None` (the read
@@ -598,7 +682,7 @@ impl Hub {
         let Some(state) = self.state(channel) else {
             return out;
         };
-        let mut st = state.lock().expect("channel lock");
+        let mut st = lock(&state);
         st.repairing = false;
         let Some(h) = read else {
             out.repair = true;
@@ -629,6 +713,9 @@ impl Hub {
         } else {
             out.reset = true;
             st.position = Some(Position::new(h.epoch.clone(), h.top));
+            for j in st.joining.iter_mut() {
+                j.jumped = true;
+            }
             let info = SubscribedInfo {
                 offset: h.epoch.as_ref().map(|_| h.top),
                 epoch: h.epoch.clone(),
@@ -639,13 +726,24 @@ impl Hub {
                 channel,
                 info,
             });
+            let name = st.name.clone();
             for sub in st.live.iter_mut() {
                 sub.skip_to = 0;
-                sub.outbox.push(notice.frame(sub.codec));
+                sub.notice(&name, notice.frame(sub.codec));
             }
         }
         let mut rest = held.into_iter();
         while let Some(e) = rest.next() {
+            // A held message of an epoch other than the one just read is from a stream
+            // that has ended (Redis restarted or the keys expired): the reset above (or
+            // a later one, if a newer epoch follows) covers it. Holding it again would
+            // repair forever.
+            if let (Some(held_epoch), Some(read_epoch)) = (e.epoch.as_deref(), h.epoch.as_deref()) {
+                if held_epoch != read_epoch && e.offset.is_some() {
+                    out.duplicates += 1;
+                    continue;
+                }
+            }
             match check(&st.position, &e) {
                 Check::Accept => self.accept(&mut st, channel, &e, &mut out, true),
                 Check::Duplicate => out.duplicates += 1,
@@ -672,14 +770,14 @@ impl Hub {
             .shards
             .iter()
             .flat_map(|s| {
-                let s = s.read().expect("hub lock");
+                let s = s.read().unwrap_or_else(PoisonError::into_inner);
                 s.iter()
                     .map(|(c, st)| (c.clone(), st.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();
         all.into_iter()
-            .filter(|(_, st)| st.lock().expect("channel lock").position.is_some())
+            .filter(|(_, st)| lock(st).position.is_some())
             .map(|(c, _)| c)
             .collect()
     }
@@ -693,7 +791,7 @@ impl Hub {
     pub fn channels(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().expect("hub lock").len())
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len())
             .sum()
     }
 }
@@ -791,6 +889,7 @@ mod tests {
             id,
             Join {
                 id: None,
+                attempt: 0,
                 since: None,
                 send_entries: false,
                 history: history(top, []),
@@ -869,6 +968,7 @@ mod tests {
             1,
             Join {
                 id: None,
+                attempt: 0,
                 since: Some(&since),
                 send_entries: false,
                 history: history(5, 3..=5),
@@ -905,6 +1005,7 @@ mod tests {
             1,
             Join {
                 id: None,
+                attempt: 0,
                 since: Some(&since),
                 send_entries: false,
                 history: history(8, 6..=8),
@@ -988,6 +1089,73 @@ mod tests {
     }
 
     #[test]
+    fn a_join_read_older_than_the_channel_is_read_again() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        let (b, mut rb) = subscriber(2, Codec::Json, 64);
+        hub.join(Arc::from("c:x"), a);
+        hub.join(Arc::from("c:x"), b);
+        let plain = |top, attempt| Join {
+            id: None,
+            since: None,
+            send_entries: false,
+            history: history(top, []),
+            attempt,
+        };
+        // b read top 10, then 11..15 were published and a read top 15 and went first.
+        assert_eq!(
+            hub.complete_join("c:x", 1, plain(15, 0)),
+            Joined::Live { recovered: None }
+        );
+        assert_eq!(hub.complete_join("c:x", 2, plain(10, 0)), Joined::Stale);
+        // 11..15 reach the node now: a already has them in its position.
+        for n in 11..=15 {
+            hub.deliver("c:x", numbered(n));
+        }
+        assert_eq!(
+            hub.complete_join("c:x", 2, plain(15, 1)),
+            Joined::Live { recovered: None }
+        );
+        hub.deliver("c:x", numbered(16));
+        assert_eq!(offsets(&drain(&mut ra)), vec![16]);
+        let frames = drain(&mut rb);
+        assert_eq!(frames[0]["offset"], 15);
+        assert_eq!(offsets(&frames), vec![16]);
+    }
+
+    #[test]
+    fn a_since_is_recovered_only_if_the_read_reaches_the_top() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        hub.join(Arc::from("c:x"), a);
+        let since = Since {
+            offset: 2,
+            epoch: "e1".into(),
+        };
+        // A read capped before the top (too many missed messages).
+        let joined = hub.complete_join(
+            "c:x",
+            1,
+            Join {
+                id: None,
+                attempt: 0,
+                since: Some(&since),
+                send_entries: false,
+                history: history(100, 3..=50),
+            },
+        );
+        assert_eq!(
+            joined,
+            Joined::Live {
+                recovered: Some(false)
+            }
+        );
+        let frames = drain(&mut ra);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0]["recovered"], false);
+    }
+
+    #[test]
     fn a_channel_without_history_still_detects_a_gap() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
@@ -998,6 +1166,7 @@ mod tests {
             1,
             Join {
                 id: None,
+                attempt: 0,
                 since: None,
                 send_entries: false,
                 history: HistoryRead::default(),
@@ -1025,6 +1194,7 @@ mod tests {
             2,
             Join {
                 id: None,
+                attempt: 0,
                 since: None,
                 send_entries: true,
                 history: history(5, 4..=5),
@@ -1059,6 +1229,7 @@ mod tests {
             2,
             Join {
                 id: None,
+                attempt: 0,
                 since: None,
                 send_entries: true,
                 history: HistoryRead {

@@ -10,8 +10,9 @@
 //! budget, and the bound applies again on top of them until the queue has drained.
 //! Every queued byte is counted node-wide (`fanout_outbound_queue_bytes`).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use fanout_protocol::CloseCode;
@@ -28,23 +29,6 @@ pub fn queued_bytes() -> usize {
     QUEUED_BYTES.load(Ordering::Relaxed)
 }
 
-struct State {
-    control: Arc<Control>,
-    slow: AtomicBool,
-    messages: AtomicUsize,
-    bytes: AtomicUsize,
-    limits: QueueLimits,
-    /// Replayed frames still counted against the replay budget (reset when the queue
-    /// drains).
-    replay_messages: AtomicUsize,
-    replay_bytes: AtomicUsize,
-    /// Whether `pending` may hold something (checked without the lock).
-    conflating: AtomicBool,
-    /// The newest message per conflated channel, in order of first arrival.
-    pending: Mutex<Vec<(Arc<str>, Bytes)>>,
-    wake: Notify,
-}
-
 /// The bounds of one connection's queue.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -57,17 +41,58 @@ pub struct QueueLimits {
     pub replay_bytes: usize,
 }
 
+/// A queued frame, and which budget it counts against.
+struct Item {
+    frame: Bytes,
+    replay: bool,
+}
+
+/// The frames of one conflating channel waiting beside the queue. Only a last frame
+/// that is a message may be replaced by a newer message; notices (`subscribed`,
+/// `unsubscribed`) are kept, in order.
+struct Slot {
+    channel: Arc<str>,
+    frames: Vec<Bytes>,
+    last_replaceable: bool,
+}
+
+struct State {
+    control: Arc<Control>,
+    slow: AtomicBool,
+    limits: QueueLimits,
+    /// Live frames (and their bytes) in the queue.
+    live_messages: AtomicUsize,
+    live_bytes: AtomicUsize,
+    /// Replayed frames (and their bytes) in the queue.
+    replay_messages: AtomicUsize,
+    replay_bytes: AtomicUsize,
+    /// Whether `pending` may hold something (checked without the lock).
+    conflating: AtomicBool,
+    /// Conflating channels' frames, in order of each channel's first overflow.
+    pending: Mutex<Vec<Slot>>,
+    wake: Notify,
+}
+
+impl State {
+    fn pending(&self) -> MutexGuard<'_, Vec<Slot>> {
+        // A panic elsewhere must not wedge this connection's queue.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The pushing side (cloned into every channel the connection subscribes to).
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::UnboundedSender<Item>,
     state: Arc<State>,
 }
 
 /// The writer's side.
 pub struct Inbox {
-    rx: mpsc::UnboundedReceiver<Bytes>,
+    rx: mpsc::UnboundedReceiver<Item>,
     state: Arc<State>,
+    /// Frames of a conflation slot being written.
+    current: VecDeque<Bytes>,
 }
 
 enum Refused {
@@ -81,9 +106,9 @@ impl Outbox {
         let state = Arc::new(State {
             control,
             slow: AtomicBool::new(false),
-            messages: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
             limits,
+            live_messages: AtomicUsize::new(0),
+            live_bytes: AtomicUsize::new(0),
             replay_messages: AtomicUsize::new(0),
             replay_bytes: AtomicUsize::new(0),
             conflating: AtomicBool::new(false),
@@ -95,39 +120,50 @@ impl Outbox {
                 tx,
                 state: state.clone(),
             },
-            Inbox { rx, state },
+            Inbox {
+                rx,
+                state,
+                current: VecDeque::new(),
+            },
         )
     }
 
-    fn enqueue(&self, frame: Bytes) -> Result<(), Refused> {
-        let len = frame.len();
-        self.state.messages.fetch_add(1, Ordering::Relaxed);
-        self.state.bytes.fetch_add(len, Ordering::Relaxed);
-        match self.tx.send(frame) {
-            Ok(()) => {
-                QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(_) => {
-                self.state.messages.fetch_sub(1, Ordering::Relaxed);
-                self.state.bytes.fetch_sub(len, Ordering::Relaxed);
-                Err(Refused::Closed)
-            }
+    fn enqueue(&self, frame: Bytes, replay: bool) -> Result<(), Refused> {
+        let s = &self.state;
+        // Once the connection is condemned nothing more is queued: a client must never
+        // see a later message after one it missed.
+        if s.slow.load(Ordering::Relaxed) {
+            return Err(Refused::Closed);
         }
+        let len = frame.len();
+        let (messages, bytes) = if replay {
+            (&s.replay_messages, &s.replay_bytes)
+        } else {
+            (&s.live_messages, &s.live_bytes)
+        };
+        // Counted before it can be taken, so the counters never go below zero.
+        messages.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len, Ordering::Relaxed);
+        QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(Item { frame, replay }).is_err() {
+            messages.fetch_sub(1, Ordering::Relaxed);
+            bytes.fetch_sub(len, Ordering::Relaxed);
+            QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
+            return Err(Refused::Closed);
+        }
+        Ok(())
     }
 
     fn try_push(&self, frame: Bytes) -> Result<(), Refused> {
         let s = &self.state;
-        let extra_messages = s.replay_messages.load(Ordering::Relaxed);
-        let extra_bytes = s.replay_bytes.load(Ordering::Relaxed);
-        if s.messages.load(Ordering::Relaxed) >= s.limits.messages + extra_messages {
+        if s.live_messages.load(Ordering::Relaxed) >= s.limits.messages {
             return Err(Refused::Full("messages", frame));
         }
-        let bytes = s.bytes.load(Ordering::Relaxed);
-        if bytes > extra_bytes && bytes + frame.len() > s.limits.bytes + extra_bytes {
+        let bytes = s.live_bytes.load(Ordering::Relaxed);
+        if bytes > 0 && bytes + frame.len() > s.limits.bytes {
             return Err(Refused::Full("bytes", frame));
         }
-        self.enqueue(frame)
+        self.enqueue(frame, false)
     }
 
     /// Queues a frame without waiting. A full queue marks the connection a slow
@@ -144,16 +180,26 @@ impl Outbox {
         }
     }
 
-    /// Queues a message of a conflating channel: when the queue is full, the message
-    /// replaces any older one of `channel` still waiting instead of closing the
-    /// connection. Once a channel has a waiting message, its newer ones replace it
-    /// until the writer takes it, so a channel's messages never overtake each other.
-    pub fn push_conflated(&self, channel: &Arc<str>, frame: Bytes) -> bool {
+    /// Queues a frame of a conflating channel. Every frame of such a channel goes
+    /// through here, so its frames never overtake each other: once the queue is full
+    /// they wait in the channel's slot beside it, where a newer message replaces an
+    /// older one (`replaceable`: the frame is a message, not a notice) instead of the
+    /// connection being closed.
+    pub fn push_channel(&self, channel: &Arc<str>, frame: Bytes, replaceable: bool) -> bool {
+        if self.state.slow.load(Ordering::Relaxed) {
+            return false;
+        }
         if self.state.conflating.load(Ordering::Acquire) {
-            let mut pending = self.state.pending.lock().expect("outbox lock");
-            if let Some(slot) = pending.iter_mut().find(|(c, _)| c == channel) {
-                slot.1 = frame;
-                metrics::counter!(m::CONFLATED_MESSAGES_TOTAL).increment(1);
+            let mut pending = self.state.pending();
+            if let Some(slot) = pending.iter_mut().find(|s| &s.channel == channel) {
+                match slot.frames.last_mut() {
+                    Some(last) if replaceable && slot.last_replaceable => {
+                        *last = frame;
+                        metrics::counter!(m::CONFLATED_MESSAGES_TOTAL).increment(1);
+                    }
+                    _ => slot.frames.push(frame),
+                }
+                slot.last_replaceable = replaceable;
                 return true;
             }
         }
@@ -161,8 +207,12 @@ impl Outbox {
             Ok(()) => true,
             Err(Refused::Closed) => false,
             Err(Refused::Full(_, frame)) => {
-                let mut pending = self.state.pending.lock().expect("outbox lock");
-                pending.push((channel.clone(), frame));
+                let mut pending = self.state.pending();
+                pending.push(Slot {
+                    channel: channel.clone(),
+                    frames: vec![frame],
+                    last_replaceable: replaceable,
+                });
                 self.state.conflating.store(true, Ordering::Release);
                 drop(pending);
                 self.state.wake.notify_one();
@@ -171,21 +221,25 @@ impl Outbox {
         }
     }
 
+    /// Drops what waits in `channel`'s conflation slot (the client unsubscribed).
+    pub fn forget(&self, channel: &str) {
+        if self.state.conflating.load(Ordering::Acquire) {
+            self.state.pending().retain(|s| &*s.channel != channel);
+        }
+    }
+
     /// Queues a frame the node replays (recovery, gap repair): on top of the live
     /// bound, within the replay budget. Past the budget the connection is closed
     /// with 4009 (it recovers by reconnecting with `since`).
     pub fn push_replay(&self, frame: Bytes) -> bool {
-        let s = &self.state;
-        let messages = s.replay_messages.fetch_add(1, Ordering::Relaxed) + 1;
-        let bytes = s.replay_bytes.fetch_add(frame.len(), Ordering::Relaxed) + frame.len();
-        if messages > s.limits.replay_messages || bytes > s.limits.replay_bytes {
+        if !self.replay_fits(1, frame.len()) {
             self.slow("replay");
             return false;
         }
-        self.enqueue(frame).is_ok()
+        self.enqueue(frame, true).is_ok()
     }
 
-    /// Whether `messages` frames of `bytes` in all fit the replay budget now.
+    /// Whether `messages` more replayed frames of `bytes` in all fit the budget now.
     pub fn replay_fits(&self, messages: usize, bytes: usize) -> bool {
         let s = &self.state;
         s.replay_messages.load(Ordering::Relaxed) + messages <= s.limits.replay_messages
@@ -197,7 +251,7 @@ impl Outbox {
             metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL, "limit" => limit).increment(1);
             tracing::info!(
                 limit,
-                queued_bytes = self.state.bytes.load(Ordering::Relaxed),
+                queued_bytes = self.queued_bytes(),
                 "slow consumer: outbound queue full, closing with 4009"
             );
             self.state.control.close(CloseCode::SlowConsumer);
@@ -208,50 +262,58 @@ impl Outbox {
         &self.state.control
     }
 
-    /// Frames waiting in the queue.
+    /// Frames waiting in the queue (live and replayed).
     pub fn queued(&self) -> usize {
-        self.state.messages.load(Ordering::Relaxed)
+        let s = &self.state;
+        s.live_messages.load(Ordering::Relaxed) + s.replay_messages.load(Ordering::Relaxed)
     }
 
-    /// Bytes waiting in the queue.
+    /// Bytes waiting in the queue (live and replayed).
     pub fn queued_bytes(&self) -> usize {
-        self.state.bytes.load(Ordering::Relaxed)
+        let s = &self.state;
+        s.live_bytes.load(Ordering::Relaxed) + s.replay_bytes.load(Ordering::Relaxed)
     }
 }
 
 impl Inbox {
-    fn taken(&self, frame: &Bytes) {
+    fn taken(&self, item: Item) -> Bytes {
         let s = &self.state;
-        s.bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-        QUEUED_BYTES.fetch_sub(frame.len(), Ordering::Relaxed);
-        if s.messages.fetch_sub(1, Ordering::Relaxed) == 1 {
-            // Drained: whatever was replayed has been written; the live bound applies
-            // from scratch.
-            s.replay_messages.store(0, Ordering::Relaxed);
-            s.replay_bytes.store(0, Ordering::Relaxed);
-        }
+        let len = item.frame.len();
+        let (messages, bytes) = if item.replay {
+            (&s.replay_messages, &s.replay_bytes)
+        } else {
+            (&s.live_messages, &s.live_bytes)
+        };
+        messages.fetch_sub(1, Ordering::Relaxed);
+        bytes.fetch_sub(len, Ordering::Relaxed);
+        QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
+        item.frame
     }
 
-    /// The oldest conflated message, once the queue has drained.
-    fn take_pending(&self) -> Option<Bytes> {
+    /// The frames of the oldest conflation slot, once the queue has drained.
+    fn take_pending(&mut self) -> Option<Bytes> {
         if !self.state.conflating.load(Ordering::Acquire) {
             return None;
         }
-        let mut pending = self.state.pending.lock().expect("outbox lock");
-        let frame = (!pending.is_empty()).then(|| pending.remove(0).1);
+        let mut pending = self.state.pending();
+        if !pending.is_empty() {
+            self.current.extend(pending.remove(0).frames);
+        }
         if pending.is_empty() {
             self.state.conflating.store(false, Ordering::Release);
         }
-        frame
+        drop(pending);
+        self.current.pop_front()
     }
 
-    /// The next frame without waiting: queued ones first, then conflated ones.
+    /// The next frame without waiting: a slot being written first, then the queue,
+    /// then the conflation slots.
     pub fn try_recv(&mut self) -> Option<Bytes> {
+        if let Some(frame) = self.current.pop_front() {
+            return Some(frame);
+        }
         match self.rx.try_recv() {
-            Ok(frame) => {
-                self.taken(&frame);
-                Some(frame)
-            }
+            Ok(item) => Some(self.taken(item)),
             Err(_) => self.take_pending(),
         }
     }
@@ -263,11 +325,7 @@ impl Inbox {
                 return Some(frame);
             }
             tokio::select! {
-                frame = self.rx.recv() => {
-                    let frame = frame?;
-                    self.taken(&frame);
-                    return Some(frame);
-                }
+                item = self.rx.recv() => return Some(self.taken(item?)),
                 _ = self.state.wake.notified() => {}
             }
         }
@@ -278,8 +336,8 @@ impl Drop for Inbox {
     fn drop(&mut self) {
         // Nothing can be queued any more; what was is released from the accounting.
         self.rx.close();
-        while let Ok(frame) = self.rx.try_recv() {
-            self.taken(&frame);
+        while let Ok(item) = self.rx.try_recv() {
+            self.taken(item);
         }
     }
 }
@@ -317,8 +375,8 @@ mod tests {
         let a: Arc<str> = Arc::from("job_progress:a");
         let b: Arc<str> = Arc::from("job_progress:b");
         for n in 0..10u8 {
-            assert!(o.push_conflated(&a, Bytes::from(vec![b'a', n])));
-            assert!(o.push_conflated(&b, Bytes::from(vec![b'b', n])));
+            assert!(o.push_channel(&a, Bytes::from(vec![b'a', n]), true));
+            assert!(o.push_channel(&b, Bytes::from(vec![b'b', n]), true));
         }
         assert_eq!(o.control().code(), None, "conflation never closes");
         let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
@@ -341,12 +399,13 @@ mod tests {
         for _ in 0..50 {
             assert!(o.push_replay(Bytes::from_static(b"r")));
         }
-        // The live bound applies on top of the replay.
+        // The live bound applies to live frames only.
         assert!(o.push(Bytes::from_static(b"1")));
         assert!(o.push(Bytes::from_static(b"2")));
         assert_eq!(o.control().code(), None);
+        assert!(!o.replay_fits(51, 51));
         assert_eq!(std::iter::from_fn(|| i.try_recv()).count(), 52);
-        // Drained: the budget is whole again, and the bound is 2 again.
+        // Written: the budget is whole again, and the bound is 2 again.
         assert!(o.replay_fits(100, 1000));
         assert!(o.push(Bytes::from_static(b"1")));
         assert!(o.push(Bytes::from_static(b"2")));
@@ -365,17 +424,53 @@ mod tests {
         assert_eq!(o.control().code(), Some(CloseCode::SlowConsumer));
     }
 
+    #[test]
+    fn notices_of_a_conflating_channel_keep_their_place() {
+        let (o, mut i) = outbox(1, 1 << 20);
+        let a: Arc<str> = Arc::from("job_progress:a");
+        assert!(o.push_channel(&a, Bytes::from_static(b"m1"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m2"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m3"), true));
+        // A notice after the newest message is kept after it, and not replaced.
+        assert!(o.push_channel(&a, Bytes::from_static(b"done"), false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m4"), true));
+        let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
+        assert_eq!(
+            got,
+            ["m1", "m3", "done", "m4"].map(|s| Bytes::from_static(s.as_bytes()))
+        );
+        // `forget` drops a channel's waiting frames.
+        assert!(o.push_channel(&a, Bytes::from_static(b"x1"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"x2"), true));
+        o.forget("job_progress:a");
+        assert_eq!(i.try_recv().unwrap(), Bytes::from_static(b"x1"));
+        assert_eq!(i.try_recv(), None);
+    }
+
+    #[test]
+    fn nothing_is_queued_after_a_refusal() {
+        let (o, mut i) = outbox(1, 1 << 20);
+        assert!(o.push(Bytes::from_static(b"1")));
+        assert!(!o.push(Bytes::from_static(b"2")));
+        assert_eq!(i.try_recv().unwrap(), Bytes::from_static(b"1"));
+        // There is room again, but the connection is condemned: no gap may be seen.
+        assert!(!o.push(Bytes::from_static(b"3")));
+        assert!(!o.push_replay(Bytes::from_static(b"4")));
+        assert_eq!(i.try_recv(), None);
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
     #[tokio::test]
     async fn recv_wakes_for_a_conflated_message() {
         let (o, mut i) = outbox(1, 1 << 20);
         let a: Arc<str> = Arc::from("c:a");
-        assert!(o.push_conflated(&a, Bytes::from_static(b"1")));
-        assert!(o.push_conflated(&a, Bytes::from_static(b"2")));
+        assert!(o.push_channel(&a, Bytes::from_static(b"1"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"2"), true));
         assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"1"));
         assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"2"));
         let writer = tokio::spawn(async move { i.recv().await });
         tokio::task::yield_now().await;
-        assert!(o.push_conflated(&a, Bytes::from_static(b"3")));
+        assert!(o.push_channel(&a, Bytes::from_static(b"3"), true));
         assert_eq!(writer.await.unwrap().unwrap(), Bytes::from_static(b"3"));
     }
 }

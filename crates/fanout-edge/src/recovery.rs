@@ -89,11 +89,21 @@ pub(crate) async fn run(
             stop.clone(),
         );
         tasks.spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = repair(&hub, broker.as_ref(), &subscriptions, &channel) => {}
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = repair(&hub, broker.as_ref(), &subscriptions, &channel) => {}
+                }
+                running.lock().expect("repair set").remove(&channel);
+                // A gap found just before `running` was cleared asked for a repair that
+                // was ignored as already running: pick it up here, unless a new task did.
+                if stop.is_cancelled()
+                    || !hub.needs_repair(&channel)
+                    || !running.lock().expect("repair set").insert(channel.clone())
+                {
+                    return;
+                }
             }
-            running.lock().expect("repair set").remove(&channel);
         });
     }
     tasks.close();

@@ -526,30 +526,39 @@ impl Session {
             channel.clone(),
             Subscriber::new(self.id, self.codec, self.outbox.clone(), conflate),
         );
-        let history = match shared.broker.history(name, query).await {
-            Ok(h) => h,
-            Err(error) => {
-                tracing::warn!(session = self.id, %channel, %error, "history read failed");
-                if shared.hub.remove(&channel, self.id) {
-                    shared.subscriptions.release(channel);
+        // A read older than what the node already dispatched is read again (see
+        // `Joined::Stale`).
+        let mut attempt = 0;
+        let joined = loop {
+            let history = match shared.broker.history(name, query).await {
+                Ok(h) => h,
+                Err(error) => {
+                    tracing::warn!(session = self.id, %channel, %error, "history read failed");
+                    if shared.hub.remove(&channel, self.id) {
+                        shared.subscriptions.release(channel);
+                    }
+                    return self.error(
+                        id,
+                        ErrorCode::Unavailable,
+                        "the broker is unavailable; retry shortly",
+                    );
                 }
-                return self.error(
+            };
+            match shared.hub.complete_join(
+                &channel,
+                self.id,
+                Join {
                     id,
-                    ErrorCode::Unavailable,
-                    "the broker is unavailable; retry shortly",
-                );
+                    since,
+                    send_entries: !matches!(query, HistoryQuery::Last(0)),
+                    history,
+                    attempt,
+                },
+            ) {
+                Joined::Stale => attempt += 1,
+                joined => break joined,
             }
         };
-        let joined = shared.hub.complete_join(
-            &channel,
-            self.id,
-            Join {
-                id,
-                since,
-                send_entries: !matches!(query, HistoryQuery::Last(0)),
-                history,
-            },
-        );
         match joined {
             Joined::Live { .. } => {
                 self.channels.insert(channel, ());
@@ -558,13 +567,15 @@ impl Session {
                 metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1);
                 shared.subscriptions.release(channel);
             }
-            Joined::Gone => shared.subscriptions.release(channel),
+            Joined::Gone | Joined::Stale => shared.subscriptions.release(channel),
         }
     }
 
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
         match self.channels.remove_entry(name) {
             Some((channel, ())) if self.shared.hub.remove(&channel, self.id) => {
+                // Nothing of it may follow the `unsubscribed` reply.
+                self.outbox.forget(&channel);
                 self.shared.subscriptions.release(channel);
                 self.send(&ServerFrame::Unsubscribed {
                     id,

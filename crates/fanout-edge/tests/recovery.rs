@@ -137,6 +137,13 @@ async fn last_n_and_unrecoverable_since() {
         assert_eq!(s["offset"], 30);
         assert!(d.next_within(Duration::from_millis(150)).await.is_none());
 
+        // An offset beyond anything published (the largest there is) → recovered:false.
+        d.send(json!({"type":"subscribe","id":30,"channel":"feed:c",
+                      "since":{"offset": u64::MAX, "epoch": epoch}}))
+            .await;
+        let s = d.recv_type("subscribed").await;
+        assert_eq!(s["recovered"], false, "{name}: {s}");
+
         // A `since` from another epoch → recovered:false.
         d.send(json!({"type":"subscribe","id":4,"channel":"feed:a",
                       "since":{"offset": 30, "epoch": format!("{epoch}-old")}}))

@@ -9,12 +9,16 @@ if not epoch then
   return {'', 0, {}}
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
-local n = tonumber(ARGV[2])
 local entries = {}
 if ARGV[1] == 'after' then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. n .. '-0', '+', 'COUNT', ARGV[3])
-elseif n > 0 then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', math.min(n, tonumber(ARGV[3])))
+  -- ARGV[2] is used as text: Lua numbers would print large offsets as 1e+14.
+  -- An exclusive start ('(') needs Redis 6.2 or later.
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[3])
+else
+  local n = tonumber(ARGV[2])
+  if n > 0 then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', math.min(n, tonumber(ARGV[3])))
+  end
 end
 local out = {}
 for i, entry in ipairs(entries) do

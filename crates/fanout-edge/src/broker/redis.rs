@@ -268,7 +268,8 @@ impl Broker for RedisBroker {
         let keys = vec![layout::meta_key(channel), layout::history_key(channel)];
         let args: Vec<Value> = vec![
             mode.into(),
-            (n as i64).into(),
+            // As text: any u64 a client sends as `since` stays exact.
+            n.to_string().into(),
             (MAX_HISTORY_READ as i64).into(),
         ];
         let client = self.publisher.client();
