@@ -880,21 +880,30 @@ mod tests {
             .collect()
     }
 
+    /// Completes a first-attempt join of `id` with the read `history`.
+    fn complete(
+        hub: &Hub,
+        ch: &str,
+        id: SessionId,
+        since: Option<&Since>,
+        send_entries: bool,
+        history: HistoryRead,
+    ) -> Joined {
+        let join = Join {
+            id: None,
+            since,
+            send_entries,
+            history,
+            attempt: 0,
+        };
+        hub.complete_join(ch, id, join)
+    }
+
     /// Joins `id` with no `since`, reading `top` as the position.
     fn join_live(hub: &Hub, ch: &str, sub: Subscriber, top: u64) {
         let id = sub.id;
         hub.join(Arc::from(ch), sub);
-        let joined = hub.complete_join(
-            ch,
-            id,
-            Join {
-                id: None,
-                attempt: 0,
-                since: None,
-                send_entries: false,
-                history: history(top, []),
-            },
-        );
+        let joined = complete(hub, ch, id, None, false, history(top, []));
         assert_eq!(joined, Joined::Live { recovered: None });
     }
 
@@ -963,17 +972,7 @@ mod tests {
             offset: 2,
             epoch: "e1".into(),
         };
-        let joined = hub.complete_join(
-            "c:x",
-            1,
-            Join {
-                id: None,
-                attempt: 0,
-                since: Some(&since),
-                send_entries: false,
-                history: history(5, 3..=5),
-            },
-        );
+        let joined = complete(&hub, "c:x", 1, Some(&since), false, history(5, 3..=5));
         assert_eq!(
             joined,
             Joined::Live {
@@ -988,39 +987,6 @@ mod tests {
         hub.deliver("c:x", numbered(7));
         hub.deliver("c:x", numbered(7));
         assert_eq!(offsets(&drain(&mut ra)), vec![7]);
-    }
-
-    #[test]
-    fn since_beyond_history_is_not_recovered() {
-        let hub = Hub::new(2);
-        let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        hub.join(Arc::from("c:x"), a);
-        let since = Since {
-            offset: 2,
-            epoch: "e1".into(),
-        };
-        // History starts at 6: 3..=5 were trimmed.
-        let joined = hub.complete_join(
-            "c:x",
-            1,
-            Join {
-                id: None,
-                attempt: 0,
-                since: Some(&since),
-                send_entries: false,
-                history: history(8, 6..=8),
-            },
-        );
-        assert_eq!(
-            joined,
-            Joined::Live {
-                recovered: Some(false)
-            }
-        );
-        let frames = drain(&mut ra);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0]["recovered"], false);
-        assert_eq!(frames[0]["offset"], 8);
     }
 
     #[test]
@@ -1124,35 +1090,29 @@ mod tests {
     }
 
     #[test]
-    fn a_since_is_recovered_only_if_the_read_reaches_the_top() {
-        let hub = Hub::new(2);
-        let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        hub.join(Arc::from("c:x"), a);
+    fn a_since_the_read_does_not_cover_is_not_recovered() {
         let since = Since {
             offset: 2,
             epoch: "e1".into(),
         };
-        // A read capped before the top (too many missed messages).
-        let joined = hub.complete_join(
-            "c:x",
-            1,
-            Join {
-                id: None,
-                attempt: 0,
-                since: Some(&since),
-                send_entries: false,
-                history: history(100, 3..=50),
-            },
-        );
-        assert_eq!(
-            joined,
-            Joined::Live {
-                recovered: Some(false)
-            }
-        );
-        let frames = drain(&mut ra);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0]["recovered"], false);
+        // History starts at 6 (3..=5 were trimmed); or the read was capped before the
+        // top (too many missed messages).
+        for (top, kept) in [(8, 6..=8), (100, 3..=50)] {
+            let hub = Hub::new(2);
+            let (a, mut ra) = subscriber(1, Codec::Json, 64);
+            hub.join(Arc::from("c:x"), a);
+            let joined = complete(&hub, "c:x", 1, Some(&since), false, history(top, kept));
+            assert_eq!(
+                joined,
+                Joined::Live {
+                    recovered: Some(false)
+                }
+            );
+            let frames = drain(&mut ra);
+            assert_eq!(frames.len(), 1, "nothing but `subscribed`: {frames:?}");
+            assert_eq!(frames[0]["recovered"], false);
+            assert_eq!(frames[0]["offset"], top);
+        }
     }
 
     #[test]
@@ -1161,17 +1121,7 @@ mod tests {
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
         // Joined before anything was published: no epoch yet.
         hub.join(Arc::from("c:x"), a);
-        hub.complete_join(
-            "c:x",
-            1,
-            Join {
-                id: None,
-                attempt: 0,
-                since: None,
-                send_entries: false,
-                history: HistoryRead::default(),
-            },
-        );
+        complete(&hub, "c:x", 1, None, false, HistoryRead::default());
         drain(&mut ra);
         // Offsets 1 and 2 never arrived live.
         assert!(hub.deliver("c:x", numbered(3)).repair);
@@ -1189,17 +1139,7 @@ mod tests {
         join_live(&hub, "c:x", a, 3);
         // b read history up to 5 while 4 and 5 are still on their way to the node.
         hub.join(Arc::from("c:x"), b);
-        hub.complete_join(
-            "c:x",
-            2,
-            Join {
-                id: None,
-                attempt: 0,
-                since: None,
-                send_entries: true,
-                history: history(5, 4..=5),
-            },
-        );
+        complete(&hub, "c:x", 2, None, true, history(5, 4..=5));
         for n in 4..=6 {
             hub.deliver("c:x", numbered(n));
         }
@@ -1224,19 +1164,16 @@ mod tests {
         // A later subscriber gets the final state, then the same end.
         let (b, mut rb) = subscriber(2, Codec::Json, 64);
         hub.join(Arc::from("job_progress:7"), b);
-        let joined = hub.complete_join(
+        let joined = complete(
+            &hub,
             "job_progress:7",
             2,
-            Join {
-                id: None,
-                attempt: 0,
-                since: None,
-                send_entries: true,
-                history: HistoryRead {
-                    epoch: Some("e1".into()),
-                    top: 2,
-                    entries: vec![env(2, "e1", r#"{"status":"succeeded"}"#)],
-                },
+            None,
+            true,
+            HistoryRead {
+                epoch: Some("e1".into()),
+                top: 2,
+                entries: vec![env(2, "e1", r#"{"status":"succeeded"}"#)],
             },
         );
         assert_eq!(joined, Joined::Ended);

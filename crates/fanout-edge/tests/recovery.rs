@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use fanout_publisher::{HistoryPolicy, Publisher};
-use fanout_testkit::{Incoming, RedisOptions, RedisServer, WsClient};
+use fanout_testkit::{RedisOptions, RedisServer, WsClient};
 use serde_json::{json, Value};
 
 /// Publishes `{"n": n}` on `channel` through the node's API for each `n`.
@@ -62,14 +62,7 @@ async fn reconnect_with_since_gets_exactly_the_missed_messages_then_live_ones() 
             async move {
                 for n in 56..=155u64 {
                     let body = json!({"channel": "user:7", "data": {"n": n}}).to_string();
-                    let (s, b) = fanout_testkit::http(
-                        addr,
-                        "POST",
-                        "/api/publish",
-                        Some(ADMIN),
-                        Some(&body),
-                    )
-                    .await;
+                    let (s, b) = api_publish_body_at(addr, &body).await;
                     assert_eq!(s, 200, "{b}");
                 }
             }
@@ -101,11 +94,7 @@ async fn last_n_and_unrecoverable_since() {
     let cfg = config_file("[namespaces.feed]\nhistory_size = 10\n");
     for backend in Backend::all() {
         let name = backend.name();
-        let node = start(
-            backend.url().as_deref(),
-            &["--config", cfg.to_str().unwrap()],
-        )
-        .await;
+        let node = start_configured(&backend, &cfg).await;
         let t = token("3", &["feed:*"]);
         publish_range(&node, "feed:a", 1..=30).await;
         let mut c = connect(&node, &t).await;
@@ -200,11 +189,7 @@ async fn a_terminal_job_status_completes_current_and_later_subscriptions() {
     let cfg = config_file("[namespaces.job_progress]\nfinished_ttl_secs = 120\n");
     for backend in Backend::all() {
         let name = backend.name();
-        let node = start(
-            backend.url().as_deref(),
-            &["--config", cfg.to_str().unwrap()],
-        )
-        .await;
+        let node = start_configured(&backend, &cfg).await;
         let t = token("1", &["job_progress:*"]);
         let mut early = connect(&node, &t).await;
         let s = early.subscribe(1, "job_progress:42").await;
@@ -572,11 +557,7 @@ async fn a_client_over_its_byte_budget_is_closed_4009_and_the_queue_memory_is_ac
     let cfg = config_file("[limits]\nqueue_messages = 100000\nqueue_bytes = 65536\n");
     for backend in Backend::all() {
         let name = backend.name();
-        let node = start(
-            backend.url().as_deref(),
-            &["--config", cfg.to_str().unwrap()],
-        )
-        .await;
+        let node = start_configured(&backend, &cfg).await;
         let t = token("14", &["chat:*"]);
         let mut slow = connect(&node, &t).await;
         let mut fast = connect(&node, &t).await;
@@ -598,12 +579,8 @@ async fn a_client_over_its_byte_budget_is_closed_4009_and_the_queue_memory_is_ac
         }
         // Never more than the two connections' budgets (plus one message each).
         assert!(peak <= 2 * (65_536 + 33 * 1024), "{name}: peak {peak}");
-        let code = loop {
-            match slow.next().await {
-                Incoming::Frame(_) | Incoming::Raw(_) => continue,
-                Incoming::Closed { code, .. } => break code,
-            }
-        };
+        // What was in flight, then the close.
+        let code = slow.expect_close().await;
         assert_eq!(code, Some(4009), "{name}");
         assert!(metric(&node, "fanout_slow_consumer_closes_total{limit=\"bytes\"").await >= 1.0);
         // Once the slow connection is gone and the fast one has read everything, the
@@ -623,11 +600,7 @@ async fn a_conflating_namespace_keeps_a_slow_client_with_the_newest_state() {
     );
     for backend in Backend::all() {
         let name = backend.name();
-        let node = start(
-            backend.url().as_deref(),
-            &["--config", cfg.to_str().unwrap()],
-        )
-        .await;
+        let node = start_configured(&backend, &cfg).await;
         let t = token("15", &["progress:*"]);
         let mut slow = connect(&node, &t).await;
         assert_eq!(slow.subscribe(1, "progress:p").await["type"], "subscribed");

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use fanout_testkit::{Incoming, RedisServer};
+use fanout_testkit::RedisServer;
 use serde_json::json;
 
 async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -115,11 +115,7 @@ async fn subscriptions_come_back_after_redis_restarts() {
 async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
     for backend in Backend::all() {
         let cfg = config_file("[limits]\nqueue_messages = 32\n");
-        let node = start(
-            backend.url().as_deref(),
-            &["--config", cfg.to_str().unwrap()],
-        )
-        .await;
+        let node = start_configured(&backend, &cfg).await;
         let t = token("5", &["chat:*"]);
         let mut slow = connect(&node, &t).await;
         let mut fast = connect(&node, &t).await;
@@ -136,14 +132,7 @@ async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
                 for n in 0..total {
                     let body =
                         json!({"channel":"chat:burst","data":{"n":n,"blob":blob}}).to_string();
-                    let (s, b) = fanout_testkit::http(
-                        addr,
-                        "POST",
-                        "/api/publish",
-                        Some(ADMIN),
-                        Some(&body),
-                    )
-                    .await;
+                    let (s, b) = api_publish_body_at(addr, &body).await;
                     assert_eq!(s, 200, "{b}");
                 }
             }
@@ -155,12 +144,8 @@ async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
         }
         publisher.await.unwrap();
         // The slow client finds what was in flight, then the 4009 close.
-        let code = loop {
-            match slow.next().await {
-                Incoming::Frame(_) | Incoming::Raw(_) => continue,
-                Incoming::Closed { code, .. } => break code,
-            }
-        };
+        // What was in flight, then the close.
+        let code = slow.expect_close().await;
         assert_eq!(code, Some(4009), "{}", backend.name());
         let metrics = fanout_testkit::http(node.local_addr(), "GET", "/metrics", None, None)
             .await

@@ -119,6 +119,15 @@ impl Backend {
     }
 }
 
+/// Starts a node on `backend` with the config file `cfg`.
+pub async fn start_configured(backend: &Backend, cfg: &tempfile::TempPath) -> Node {
+    start(
+        backend.url().as_deref(),
+        &["--config", cfg.to_str().unwrap()],
+    )
+    .await
+}
+
 /// Connects with `?token=` and consumes the `connected` frame.
 pub async fn connect(node: &Node, token: &str) -> WsClient {
     let mut c = WsClient::connect(&format!("{}?token={token}", node.ws_url()))
@@ -131,14 +140,12 @@ pub async fn connect(node: &Node, token: &str) -> WsClient {
 
 /// `POST /api/publish` with the admin token and a body as given.
 pub async fn api_publish_body(node: &Node, body: &str) -> (u16, String) {
-    fanout_testkit::http(
-        node.local_addr(),
-        "POST",
-        "/api/publish",
-        Some(ADMIN),
-        Some(body),
-    )
-    .await
+    api_publish_body_at(node.local_addr(), body).await
+}
+
+/// The same, by address (for tasks that do not hold the node).
+pub async fn api_publish_body_at(addr: std::net::SocketAddr, body: &str) -> (u16, String) {
+    fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some(body)).await
 }
 
 /// `POST /api/publish` of `data` on `channel` with the admin token.
