@@ -162,6 +162,10 @@ async fn a_client_that_stops_reading_is_closed_4009_and_delays_nobody() {
 
 #[tokio::test]
 async fn a_channel_redis_refuses_fails_alone_and_is_retried_until_allowed() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("fanout_edge=debug,fred=debug")
+        .with_writer(std::io::stderr)
+        .try_init();
     let redis = RedisServer::start().unwrap();
     let node = start(Some(&redis.url()), &[]).await;
     let t = token("1", &["chat:*"]);

@@ -46,6 +46,10 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     options: RedisOptions,
     child: Option<Child>,
+    /// Holds the port while the server is killed, so that no other test's server can
+    /// take it before [`restart`](RedisServer::restart) (clients of this one would then
+    /// reach the wrong server).
+    reserved: Option<tokio::net::TcpSocket>,
 }
 
 impl RedisServer {
@@ -68,6 +72,7 @@ impl RedisServer {
                 dir: tempfile::tempdir()?,
                 options: options.clone(),
                 child: None,
+                reserved: None,
             };
             match server.spawn() {
                 Ok(()) => return Ok(server),
@@ -79,6 +84,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), TestkitError> {
+        self.reserved = None;
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -135,6 +141,13 @@ impl RedisServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            // Bound but not listening: connections are refused as from a dead server,
+            // and no other server can bind the port.
+            self.reserved = tokio::net::TcpSocket::new_v4().ok().filter(|socket| {
+                socket
+                    .bind(std::net::SocketAddr::from(([127, 0, 0, 1], self.port)))
+                    .is_ok()
+            });
         }
     }
 

@@ -102,11 +102,40 @@ fn parse_history(reply: Value, newest_first: bool) -> Result<HistoryRead, Broker
     })
 }
 
+/// Whether `reply` is the answer to `PING token` (`["pong", token]` on a subscribed
+/// RESP2 connection, `token` otherwise).
+fn pong_of(reply: &Value, token: &str) -> bool {
+    match reply {
+        Value::Array(parts) => parts.iter().any(|p| p.as_str().as_deref() == Some(token)),
+        other => other.as_str().as_deref() == Some(token),
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
 impl RedisBroker {
+    /// Brings the subscriber connection in step: PINGs with fresh tokens until one is
+    /// answered by its own PONG. A reply meant for an earlier command (left over from a
+    /// refusal) is let through first by waiting, since fred drops replies that arrive
+    /// with nothing waiting.
+    async fn in_step(&self) -> Result<(), BrokerError> {
+        for wait_ms in [0u64, 5, 20, 50, 100, 250] {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+            let token = crate::config::random_token(12);
+            match self.subscriber.ping::<Value>(Some(token.clone())).await {
+                Ok(reply) if pong_of(&reply, &token) => return Ok(()),
+                Ok(_) | Err(_) if self.subscriber.is_connected() => continue,
+                Ok(_) => break,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(BrokerError::Unavailable(
+            "the subscriber connection did not answer in order".into(),
+        ))
+    }
+
     /// Connects both clients; fails if Redis cannot be reached at start.
     pub async fn connect(
         url: &str,
@@ -188,8 +217,11 @@ impl RedisBroker {
                 if !prober.is_connected() {
                     continue;
                 }
+                // Any answer, even an error (a refusal meant for another command), shows
+                // the link is alive; a closed link is fred's to reconnect. Only silence
+                // is a half-dead link.
                 let answered = tokio::time::timeout(probe, prober.ping::<Value>(None)).await;
-                if let Ok(Ok(_)) = answered {
+                if answered.is_ok() {
                     continue;
                 }
                 metrics::counter!(m::BROKER_PROBE_FAILURES_TOTAL).increment(1);
@@ -221,17 +253,25 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        // fred resolves SUBSCRIBE as soon as it is written; Redis' refusal (e.g.
+        // NOPERM) arrives out of band and fred hands it to whatever command is waiting.
+        // So the connection is first brought in step (no stale reply in flight), then a
+        // PING with a fresh token follows the SUBSCRIBE: its own PONG confirms it, an
+        // error is the refusal, and anything else means the answer was lost — the
+        // subscription counts as failed and is retried.
+        self.in_step().await?;
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
         self.subscriber.subscribe(keys).await.map_err(unavailable)?;
-        // fred resolves SUBSCRIBE as soon as it is written; Redis' reply (or refusal,
-        // e.g. NOPERM) arrives out of band. A PING on the same connection is answered in
-        // order, so when it returns Redis has processed the SUBSCRIBE — and a refusal
-        // surfaces here instead of being lost.
-        self.subscriber
-            .ping::<Value>(None)
-            .await
-            .map(|_| ())
-            .map_err(|e| BrokerError::Unavailable(format!("SUBSCRIBE not confirmed: {e}")))
+        let token = crate::config::random_token(12);
+        match self.subscriber.ping::<Value>(Some(token.clone())).await {
+            Ok(reply) if pong_of(&reply, &token) => Ok(()),
+            Ok(_) => Err(BrokerError::Unavailable(
+                "SUBSCRIBE not confirmed: a stale reply arrived".into(),
+            )),
+            Err(e) => Err(BrokerError::Unavailable(format!(
+                "SUBSCRIBE not confirmed: {e}"
+            ))),
+        }
     }
 
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
