@@ -87,7 +87,7 @@ impl Subscriber {
     // hot path: no allocation, no lock (unless the connection conflates and overflowed).
     fn message(&self, channel: &Arc<str>, frame: Bytes, replay: bool) -> bool {
         if self.conflate {
-            self.outbox.push_channel(channel, frame, true)
+            self.outbox.push_channel(channel, frame, true, replay)
         } else if replay {
             self.outbox.push_replay(frame)
         } else {
@@ -99,7 +99,7 @@ impl Subscriber {
     /// channel's messages, never replacing them.
     fn notice(&self, channel: &Arc<str>, frame: Bytes) -> bool {
         if self.conflate {
-            self.outbox.push_channel(channel, frame, false)
+            self.outbox.push_channel(channel, frame, false, false)
         } else {
             self.outbox.push(frame)
         }
@@ -155,12 +155,10 @@ impl Position {
 struct Joining {
     sub: Subscriber,
     waiting: Vec<Arc<Envelope>>,
-    /// The channel's position when it joined: every message accepted after that is
-    /// in `waiting`.
+    /// The channel's position when it joined, or when the position last moved other
+    /// than by accepting a message (another joiner's read, a reset): every message
+    /// accepted since is in `waiting`.
     base: Option<Position>,
-    /// The position has since moved other than by accepting a message (another
-    /// joiner's read, a reset), so `base` no longer bounds what `waiting` lacks.
-    jumped: bool,
 }
 
 struct ChannelState {
@@ -170,6 +168,8 @@ struct ChannelState {
     position: Option<Position>,
     /// Messages held, in arrival order, while the node repairs a gap from history.
     held: Option<Vec<Arc<Envelope>>>,
+    /// How many were held when the running repair's read began.
+    held_at_read: usize,
     repairing: bool,
 }
 
@@ -181,6 +181,7 @@ impl ChannelState {
             joining: Vec::new(),
             position: None,
             held: None,
+            held_at_read: 0,
             repairing: false,
         }
     }
@@ -401,7 +402,6 @@ impl Hub {
                 sub,
                 waiting: Vec::new(),
                 base,
-                jumped: false,
             });
             self.count(1);
             return;
@@ -425,17 +425,35 @@ impl Hub {
         // joined (what it dispatched since is in `waiting`), or the messages in between
         // would be neither in this read nor sent to it live.
         let behind = |p: &Position| !p.continued_by(h.epoch.as_deref()) || p.offset > h.top;
-        let j = &st.joining[i];
-        let stale = if j.jumped {
-            st.position.as_ref().is_some_and(behind)
-        } else {
-            j.base.as_ref().is_some_and(behind)
-        };
+        let stale = st.joining[i].base.as_ref().is_some_and(behind);
         if stale && join.attempt + 1 < MAX_JOIN_READS {
             return Joined::Stale;
         }
         let Joining { sub, waiting, .. } = st.joining.swap_remove(i);
         let name = st.name.clone();
+        if stale {
+            // Reads kept lagging what the node had dispatched (a lagging replica): the
+            // subscriber starts from the node's position and is told it must reload.
+            let p = st.position.clone().unwrap_or(Position::new(None, 0));
+            if join.since.is_some() {
+                metrics::counter!(m::RECOVERIES_TOTAL, "outcome" => "not_recovered").increment(1);
+            }
+            let info = SubscribedInfo {
+                offset: p.epoch.as_ref().map(|_| p.offset),
+                epoch: p.epoch,
+                recovered: Some(false),
+            };
+            let frame = ServerFrame::Subscribed {
+                id: join.id,
+                channel,
+                info,
+            };
+            sub.notice(&name, sub.codec.encode(&frame));
+            st.live.push(sub);
+            return Joined::Live {
+                recovered: Some(false),
+            };
+        }
         // What history can give, within the connection's replay budget: a `since`
         // that cannot be replayed whole is not recovered (the client reloads instead of
         // being flooded); `last` and a job's latest state keep the newest that fit.
@@ -471,17 +489,23 @@ impl Hub {
             _ => &[],
         };
         let mut ended = false;
-        let mut sent: Option<u64> = None;
+        let mut sent: Option<(Option<&str>, u64)> = None;
         for e in from_history.iter().chain(waiting.iter().filter(|e| {
-            // What the history read already covered is not sent twice.
-            !(e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top))
+            // What the history read already covered is not sent twice, nor what belongs
+            // to a stream other than the one `subscribed` announced.
+            let covered =
+                e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top);
+            let other_epoch = h.epoch.is_some() && e.epoch.is_some() && e.epoch != h.epoch;
+            !covered && !other_epoch
         })) {
-            if let (Some(o), Some(last)) = (e.offset, sent) {
-                if o <= last && e.epoch == h.epoch {
+            if let (Some(o), Some((epoch, last))) = (e.offset, sent) {
+                if o <= last && e.epoch.as_deref() == epoch {
                     continue;
                 }
             }
-            sent = e.offset.or(sent);
+            if let Some(o) = e.offset {
+                sent = Some((e.epoch.as_deref(), o));
+            }
             sub.message(&name, e.encode_message(channel, sub.codec), true);
             if is_job(channel) && e.is_terminal() {
                 ended = true;
@@ -491,10 +515,11 @@ impl Hub {
         let mut sub = sub;
         match &st.position {
             None => {
-                st.position = Some(Position::new(h.epoch, h.top));
+                let position = Position::new(h.epoch, h.top);
                 for j in st.joining.iter_mut() {
-                    j.jumped = true;
+                    j.base = Some(position.clone());
                 }
+                st.position = Some(position);
             }
             // The node's stream is behind what this subscriber read (messages in
             // flight, or a repair under way): those are not sent to it twice.
@@ -659,6 +684,7 @@ impl Hub {
         }
         let position = st.position.clone()?;
         st.repairing = true;
+        st.held_at_read = st.held.as_ref().map_or(0, Vec::len);
         if st.held.is_none() {
             st.held = Some(Vec::new());
         }
@@ -712,10 +738,11 @@ impl Hub {
             }
         } else {
             out.reset = true;
-            st.position = Some(Position::new(h.epoch.clone(), h.top));
+            let position = Position::new(h.epoch.clone(), h.top);
             for j in st.joining.iter_mut() {
-                j.jumped = true;
+                j.base = Some(position.clone());
             }
+            st.position = Some(position);
             let info = SubscribedInfo {
                 offset: h.epoch.as_ref().map(|_| h.top),
                 epoch: h.epoch.clone(),
@@ -732,14 +759,15 @@ impl Hub {
                 sub.notice(&name, notice.frame(sub.codec));
             }
         }
-        let mut rest = held.into_iter();
-        while let Some(e) = rest.next() {
-            // A held message of an epoch other than the one just read is from a stream
-            // that has ended (Redis restarted or the keys expired): the reset above (or
-            // a later one, if a newer epoch follows) covers it. Holding it again would
-            // repair forever.
+        let before_read = st.held_at_read;
+        let mut rest = held.into_iter().enumerate();
+        while let Some((i, e)) = rest.next() {
+            // A message held before the read, of an epoch other than the one read, is
+            // from a stream that had already ended when the read was made: the reset
+            // above covers it (holding it again would repair forever). One held after
+            // the read may be from a newer stream: it is held, and read for, again.
             if let (Some(held_epoch), Some(read_epoch)) = (e.epoch.as_deref(), h.epoch.as_deref()) {
-                if held_epoch != read_epoch && e.offset.is_some() {
+                if i < before_read && held_epoch != read_epoch && e.offset.is_some() {
                     out.duplicates += 1;
                     continue;
                 }
@@ -749,7 +777,7 @@ impl Hub {
                 Check::Duplicate => out.duplicates += 1,
                 Check::Gap => {
                     let mut again = vec![e];
-                    again.extend(rest);
+                    again.extend(rest.map(|(_, e)| e));
                     st.held = Some(again);
                     out.repair = true;
                     break;
@@ -1113,6 +1141,77 @@ mod tests {
             assert_eq!(frames[0]["recovered"], false);
             assert_eq!(frames[0]["offset"], top);
         }
+    }
+
+    #[test]
+    fn reads_that_keep_lagging_end_in_recovered_false_at_the_node_position() {
+        let hub = Hub::new(2);
+        let (a, _ra) = subscriber(1, Codec::Json, 64);
+        let (b, mut rb) = subscriber(2, Codec::Json, 64);
+        hub.join(Arc::from("c:x"), a);
+        hub.join(Arc::from("c:x"), b);
+        complete(&hub, "c:x", 1, None, false, history(15, []));
+        let since = Since {
+            offset: 3,
+            epoch: "e1".into(),
+        };
+        let lagging = |attempt| Join {
+            id: None,
+            since: Some(&since),
+            send_entries: false,
+            history: history(10, 4..=10),
+            attempt,
+        };
+        assert_eq!(hub.complete_join("c:x", 2, lagging(0)), Joined::Stale);
+        assert_eq!(hub.complete_join("c:x", 2, lagging(1)), Joined::Stale);
+        let last = hub.complete_join("c:x", 2, lagging(MAX_JOIN_READS - 1));
+        assert_eq!(
+            last,
+            Joined::Live {
+                recovered: Some(false)
+            }
+        );
+        let frames = drain(&mut rb);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(
+            (
+                frames[0]["offset"].as_u64(),
+                frames[0]["recovered"].as_bool()
+            ),
+            (Some(15), Some(false))
+        );
+        hub.deliver("c:x", numbered(16));
+        assert_eq!(offsets(&drain(&mut rb)), vec![16]);
+    }
+
+    #[test]
+    fn a_message_of_a_newer_epoch_held_after_the_read_is_kept() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 3);
+        drain(&mut ra);
+        assert!(hub.deliver("c:x", numbered(5)).repair);
+        hub.begin_repair("c:x").unwrap();
+        // The keys expired after the read: a new epoch's first message arrives.
+        hub.deliver("c:x", env(1, "e2", "1"));
+        let d = hub.finish_repair("c:x", Some(history(5, 4..=5)));
+        assert_eq!(d.repaired, 2);
+        assert!(
+            d.repair,
+            "the new epoch's message is held and read for again"
+        );
+        assert_eq!(offsets(&drain(&mut ra)), vec![4, 5]);
+        hub.begin_repair("c:x").unwrap();
+        let read = HistoryRead {
+            epoch: Some("e2".into()),
+            top: 1,
+            entries: vec![env(1, "e2", "1")],
+        };
+        let d = hub.finish_repair("c:x", Some(read));
+        assert!(d.reset && !d.repair);
+        let frames = drain(&mut ra);
+        assert_eq!(frames[0]["recovered"], false, "{frames:?}");
+        assert_eq!(frames[0]["epoch"], "e2");
     }
 
     #[test]

@@ -184,8 +184,15 @@ impl Outbox {
     /// through here, so its frames never overtake each other: once the queue is full
     /// they wait in the channel's slot beside it, where a newer message replaces an
     /// older one (`replaceable`: the frame is a message, not a notice) instead of the
-    /// connection being closed.
-    pub fn push_channel(&self, channel: &Arc<str>, frame: Bytes, replaceable: bool) -> bool {
+    /// connection being closed. `replay`: the node replays it (recovery, repair), so
+    /// it goes within the replay budget while that has room.
+    pub fn push_channel(
+        &self,
+        channel: &Arc<str>,
+        frame: Bytes,
+        replaceable: bool,
+        replay: bool,
+    ) -> bool {
         if self.state.slow.load(Ordering::Relaxed) {
             return false;
         }
@@ -203,7 +210,12 @@ impl Outbox {
                 return true;
             }
         }
-        match self.try_push(frame) {
+        let pushed = if replay && self.replay_fits(1, frame.len()) {
+            self.enqueue(frame, true)
+        } else {
+            self.try_push(frame)
+        };
+        match pushed {
             Ok(()) => true,
             Err(Refused::Closed) => false,
             Err(Refused::Full(_, frame)) => {
@@ -375,8 +387,8 @@ mod tests {
         let a: Arc<str> = Arc::from("job_progress:a");
         let b: Arc<str> = Arc::from("job_progress:b");
         for n in 0..10u8 {
-            assert!(o.push_channel(&a, Bytes::from(vec![b'a', n]), true));
-            assert!(o.push_channel(&b, Bytes::from(vec![b'b', n]), true));
+            assert!(o.push_channel(&a, Bytes::from(vec![b'a', n]), true, false));
+            assert!(o.push_channel(&b, Bytes::from(vec![b'b', n]), true, false));
         }
         assert_eq!(o.control().code(), None, "conflation never closes");
         let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
@@ -428,20 +440,20 @@ mod tests {
     fn notices_of_a_conflating_channel_keep_their_place() {
         let (o, mut i) = outbox(1, 1 << 20);
         let a: Arc<str> = Arc::from("job_progress:a");
-        assert!(o.push_channel(&a, Bytes::from_static(b"m1"), true));
-        assert!(o.push_channel(&a, Bytes::from_static(b"m2"), true));
-        assert!(o.push_channel(&a, Bytes::from_static(b"m3"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m1"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m2"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m3"), true, false));
         // A notice after the newest message is kept after it, and not replaced.
-        assert!(o.push_channel(&a, Bytes::from_static(b"done"), false));
-        assert!(o.push_channel(&a, Bytes::from_static(b"m4"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"done"), false, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"m4"), true, false));
         let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
         assert_eq!(
             got,
             ["m1", "m3", "done", "m4"].map(|s| Bytes::from_static(s.as_bytes()))
         );
         // `forget` drops a channel's waiting frames.
-        assert!(o.push_channel(&a, Bytes::from_static(b"x1"), true));
-        assert!(o.push_channel(&a, Bytes::from_static(b"x2"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"x1"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"x2"), true, false));
         o.forget("job_progress:a");
         assert_eq!(i.try_recv().unwrap(), Bytes::from_static(b"x1"));
         assert_eq!(i.try_recv(), None);
@@ -464,13 +476,13 @@ mod tests {
     async fn recv_wakes_for_a_conflated_message() {
         let (o, mut i) = outbox(1, 1 << 20);
         let a: Arc<str> = Arc::from("c:a");
-        assert!(o.push_channel(&a, Bytes::from_static(b"1"), true));
-        assert!(o.push_channel(&a, Bytes::from_static(b"2"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"1"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"2"), true, false));
         assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"1"));
         assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"2"));
         let writer = tokio::spawn(async move { i.recv().await });
         tokio::task::yield_now().await;
-        assert!(o.push_channel(&a, Bytes::from_static(b"3"), true));
+        assert!(o.push_channel(&a, Bytes::from_static(b"3"), true, false));
         assert_eq!(writer.await.unwrap().unwrap(), Bytes::from_static(b"3"));
     }
 }

@@ -6,8 +6,8 @@
 //! down) is retried with capped exponential backoff; meanwhile the channel's live
 //! messages are held, in order, so nothing is dispatched out of order.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -67,7 +67,9 @@ pub(crate) async fn run(
     mut rx: mpsc::UnboundedReceiver<Arc<str>>,
     stop: CancellationToken,
 ) {
-    let running: Arc<std::sync::Mutex<HashSet<Arc<str>>>> = Arc::default();
+    // Channels under repair, each with whether it was asked for again meanwhile (a
+    // reconnect after the running read began): then it runs once more.
+    let running: Arc<std::sync::Mutex<HashMap<Arc<str>, bool>>> = Arc::default();
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let channel = tokio::select! {
@@ -77,9 +79,13 @@ pub(crate) async fn run(
                 None => break,
             },
         };
-        if !running.lock().expect("repair set").insert(channel.clone()) {
-            // A repair of this channel is under way; it loops until nothing is held.
-            continue;
+        {
+            let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(again) = running.get_mut(&channel) {
+                *again = true;
+                continue;
+            }
+            running.insert(channel.clone(), false);
         }
         let (hub, broker, subscriptions, running, stop) = (
             hub.clone(),
@@ -91,16 +97,17 @@ pub(crate) async fn run(
         tasks.spawn(async move {
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => {}
+                    _ = stop.cancelled() => return,
                     _ = repair(&hub, broker.as_ref(), &subscriptions, &channel) => {}
                 }
-                running.lock().expect("repair set").remove(&channel);
-                // A gap found just before `running` was cleared asked for a repair that
-                // was ignored as already running: pick it up here, unless a new task did.
-                if stop.is_cancelled()
-                    || !hub.needs_repair(&channel)
-                    || !running.lock().expect("repair set").insert(channel.clone())
-                {
+                let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
+                let again = running
+                    .get_mut(&channel)
+                    .map(std::mem::take)
+                    .unwrap_or(false);
+                // Asked again, or a gap found while this repair was finishing.
+                if !again && !hub.needs_repair(&channel) {
+                    running.remove(&channel);
                     return;
                 }
             }
