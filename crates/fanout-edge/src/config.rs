@@ -34,6 +34,11 @@ pub struct Args {
     /// connection; a probe unanswered within the same time forces a reconnect.
     #[arg(long, env = "FANOUT_REDIS_PROBE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub redis_probe_ms: u64,
+    /// Seconds over which a draining node (SIGTERM) closes its connections with 1001,
+    /// paced and jittered, so that they do not all reconnect elsewhere at once. Keep
+    /// it under the orchestrator's grace period (Kubernetes: 30 s). 0 = all at once.
+    #[arg(long, env = "FANOUT_DRAIN_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_secs: u64,
     /// HS256 secret.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -218,6 +223,8 @@ pub struct Settings {
     pub limits: Limits,
     pub namespaces: Namespaces,
     pub log_json: bool,
+    /// How long a drain takes to close every connection.
+    pub drain: Duration,
     /// Set in dev mode: a ready-to-use token for user `demo`, printed at start.
     pub dev_token: Option<String>,
 }
@@ -353,6 +360,7 @@ impl Settings {
             limits: file.limits,
             namespaces,
             log_json,
+            drain: Duration::from_secs(args.drain_secs),
             dev_token,
         })
     }

@@ -60,8 +60,13 @@ async fn main() -> std::process::ExitCode {
         println!("  admin token:     {admin}\n");
     }
     shutdown_signal().await;
-    tracing::info!("shutdown signal received; closing connections with 1001");
-    node.shutdown().await;
+    let window = node.settings().drain;
+    tracing::info!(
+        window_secs = window.as_secs_f64(),
+        connections = node.shared().connections(),
+        "shutdown signal received; draining: connections close with 1001 over the window"
+    );
+    node.drain(window).await;
     std::process::ExitCode::SUCCESS
 }
 

@@ -36,6 +36,8 @@ pub const JOBS_COMPLETED_TOTAL: &str = "fanout_job_subscriptions_completed_total
 pub const CONFLATED_MESSAGES_TOTAL: &str = "fanout_conflated_messages_total";
 pub const OUTBOUND_QUEUE_BYTES: &str = "fanout_outbound_queue_bytes";
 pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_total";
+pub const DRAINING: &str = "fanout_draining";
+pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -201,6 +203,16 @@ fn describe() {
         BROKER_PROBE_FAILURES_TOTAL,
         Unit::Count,
         "Liveness probes of the Redis subscriber connection that failed or timed out (each forces a reconnect)."
+    );
+    describe_gauge!(
+        DRAINING,
+        Unit::Count,
+        "1 while the node drains (after SIGTERM): not ready, closing its connections."
+    );
+    describe_counter!(
+        DRAIN_CLOSES_TOTAL,
+        Unit::Count,
+        "Connections closed with 1001 by a paced drain."
     );
     describe_counter!(
         INTERNAL_ERRORS_TOTAL,

@@ -188,6 +188,7 @@ impl Node {
         metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);
         metrics::gauge!(m::CHANNELS).set(0.0);
         metrics::gauge!(m::OUTBOUND_QUEUE_BYTES).set(0.0);
+        metrics::gauge!(m::DRAINING).set(0.0);
         metrics::gauge!(m::BROKER_UP).set(if shared.broker.is_ready() { 1.0 } else { 0.0 });
         let upkeep = shared.clone();
         tracker.spawn(async move {
@@ -244,6 +245,41 @@ impl Node {
 
     pub fn settings(&self) -> &Settings {
         &self.shared.settings
+    }
+
+    /// Drains the node, then shuts it down: `/readyz` answers 503 at once and new
+    /// sockets are refused with 1001, while existing connections are closed with 1001
+    /// one by one, in random order, paced evenly over `window` with jitter — so that
+    /// their reconnects spread over the other nodes instead of arriving all at once.
+    /// The node keeps serving them (and `/metrics`) until each one's turn.
+    pub async fn drain(self, window: Duration) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        metrics::gauge!(m::DRAINING).set(1.0);
+        let mut controls: Vec<Arc<Control>> = {
+            let users = self.shared.users.lock().expect("users lock");
+            users
+                .values()
+                .flat_map(|list| list.iter().map(|(_, c)| c.clone()))
+                .collect()
+        };
+        let started = tokio::time::Instant::now();
+        if !window.is_zero() && !controls.is_empty() {
+            use rand::seq::SliceRandom;
+            controls.shuffle(&mut rand::rng());
+            let slot = window / controls.len() as u32;
+            for (i, control) in controls.iter().enumerate() {
+                let jitter = slot.mul_f64(rand::random::<f64>());
+                tokio::time::sleep_until(started + slot * i as u32 + jitter).await;
+                control.close(CloseCode::GoingAway);
+                metrics::counter!(m::DRAIN_CLOSES_TOTAL).increment(1);
+            }
+        }
+        tracing::info!(
+            closed = controls.len(),
+            took_secs = started.elapsed().as_secs_f64(),
+            "drain done"
+        );
+        self.shutdown().await;
     }
 
     /// Stops accepting, closes every connection with 1001 (reconnect elsewhere),

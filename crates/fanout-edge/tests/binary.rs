@@ -15,7 +15,7 @@ use tokio::process::Command;
 #[tokio::test]
 async fn dev_mode_token_works_and_sigterm_closes_with_1001() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fanout-edge"))
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--drain-secs", "1"])
         .env("FANOUT_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -70,6 +70,7 @@ async fn dev_mode_token_works_and_sigterm_closes_with_1001() {
         .status()
         .unwrap()
         .success());
+    // Closed within the 1 s drain window, then the process exits 0.
     assert_eq!(c.expect_close().await, Some(1001));
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await

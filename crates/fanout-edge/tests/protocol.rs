@@ -614,3 +614,53 @@ async fn broadcast_publishes_every_channel_or_none_when_one_is_invalid() {
     assert_eq!(b.recv_type("message").await["event"], "note");
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn drain_refuses_new_sockets_and_closes_the_rest_paced_over_the_window() {
+    let node = start(None, &[]).await;
+    let t = token("drain", &[]);
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut c = connect(&node, &t).await;
+        assert_eq!(c.subscribe(1, "user:drain").await["type"], "subscribed");
+        clients.push(c);
+    }
+    let addr = node.local_addr();
+    let url = node.ws_url();
+    let window = Duration::from_millis(1500);
+    let started = tokio::time::Instant::now();
+    let drain = tokio::spawn(node.drain(window));
+    // Not ready at once; new sockets refused with 1001 (reconnect elsewhere).
+    let mut not_ready = false;
+    for _ in 0..20 {
+        if fanout_testkit::http(addr, "GET", "/readyz", None, None)
+            .await
+            .0
+            == 503
+        {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(not_ready, "/readyz still 200 while draining");
+    let mut late = WsClient::connect(&format!("{url}?token={t}"))
+        .await
+        .unwrap();
+    assert_eq!(late.expect_close().await, Some(1001));
+    // Every connection gets 1001, spread over the window rather than all at once.
+    let waits = clients.into_iter().map(|mut c| async move {
+        assert_eq!(c.expect_close().await, Some(1001));
+        started.elapsed()
+    });
+    let mut closed_at = futures_util::future::join_all(waits).await;
+    drain.await.unwrap();
+    let total = started.elapsed();
+    closed_at.sort();
+    let spread = *closed_at.last().unwrap() - closed_at[0];
+    assert!(spread >= window / 3, "closes not paced: spread {spread:?}");
+    assert!(
+        total < window + Duration::from_secs(3),
+        "drain took {total:?}"
+    );
+}
