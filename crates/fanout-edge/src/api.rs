@@ -54,7 +54,7 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
             "publish" => publish(req, &shared).await.map(ok),
             "broadcast" => broadcast(req, &shared).await,
             "disconnect" => disconnect(req, &shared).await.map(ok),
-            "stats" => Ok(ok(stats(&shared))),
+            "stats" => Ok(ok(stats(&shared).await)),
             _ => Err(ApiError::new(
                 ErrorCode::BadRequest,
                 "no such endpoint or method",
@@ -251,24 +251,63 @@ async fn disconnect(
     shared: &Shared,
 ) -> Result<serde_json::Value, ApiError> {
     let b: DisconnectBody = body(req, shared).await?;
+    // This node at once; every other node through the control channel.
     let n = shared.disconnect_user(&b.user);
     tracing::info!(user = %b.user, reason = b.reason.as_deref().unwrap_or(""), connections = n, "admin disconnect");
-    Ok(serde_json::json!({"disconnected": n, "node": shared.settings.node_id}))
+    let message = crate::node::ControlMessage::Disconnect {
+        from: shared.instance.clone(),
+        user: b.user.clone(),
+        reason: b.reason.clone(),
+    };
+    let nodes = shared
+        .broker
+        .broadcast_control(&serde_json::to_string(&message).expect("serializable"))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("closed {n} connection(s) on this node, but other nodes could not be reached: {e}"),
+            )
+        })?;
+    Ok(
+        serde_json::json!({"disconnected": n, "node": shared.settings.node_id, "nodes_notified": nodes}),
+    )
 }
 
-fn stats(shared: &Shared) -> serde_json::Value {
+/// This node's figures (also what it reports to the cluster view).
+pub(crate) fn node_stats(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
-        "node": {
-            "id": shared.settings.node_id,
-            "broker": shared.broker.kind(),
-            "broker_ready": shared.broker.is_ready(),
-            "draining": shared.is_draining(),
-            "uptime_seconds": shared.started.elapsed().as_secs(),
-            "connections": shared.connections(),
-            "users": shared.users(),
-            "channels": shared.hub.channels(),
-            "subscriptions": shared.hub.subscriptions(),
-            "outbound_queue_bytes": crate::outbox::queued_bytes(),
-        }
+        "id": shared.settings.node_id,
+        "broker": shared.broker.kind(),
+        "broker_ready": shared.broker.is_ready(),
+        "draining": shared.is_draining(),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "connections": shared.connections(),
+        "users": shared.users(),
+        "channels": shared.hub.channels(),
+        "subscriptions": shared.hub.subscriptions(),
+        "outbound_queue_bytes": crate::outbox::queued_bytes(),
     })
+}
+
+async fn stats(shared: &Shared) -> serde_json::Value {
+    let node = node_stats(shared);
+    let cluster = match shared.broker.reports().await {
+        Ok(reports) => {
+            let mut nodes: Vec<serde_json::Value> = reports
+                .iter()
+                .filter_map(|r| serde_json::from_str(r).ok())
+                .collect();
+            nodes.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+            let sum = |field: &str| -> u64 { nodes.iter().filter_map(|n| n[field].as_u64()).sum() };
+            serde_json::json!({
+                "nodes": nodes.len(),
+                "connections": sum("connections"),
+                "subscriptions": sum("subscriptions"),
+                "members": nodes,
+            })
+        }
+        Err(e) => serde_json::json!({"error": {"code": "unavailable", "message": e.to_string()}}),
+    };
+    serde_json::json!({"node": node, "cluster": cluster})
 }

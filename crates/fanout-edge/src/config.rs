@@ -39,6 +39,10 @@ pub struct Args {
     /// it under the orchestrator's grace period (Kubernetes: 30 s). 0 = all at once.
     #[arg(long, env = "FANOUT_DRAIN_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub drain_secs: u64,
+    /// Seconds a node's report stays in the cluster view of `/api/stats` without being
+    /// refreshed (refreshed every third of it): a dead node disappears within it.
+    #[arg(long, env = "FANOUT_NODE_REPORT_TTL_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub node_report_ttl_secs: u64,
     /// HS256 secret.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -225,6 +229,8 @@ pub struct Settings {
     pub log_json: bool,
     /// How long a drain takes to close every connection.
     pub drain: Duration,
+    /// How long a node's report lives in the cluster view.
+    pub node_report_ttl: Duration,
     /// Set in dev mode: a ready-to-use token for user `demo`, printed at start.
     pub dev_token: Option<String>,
 }
@@ -361,6 +367,7 @@ impl Settings {
             namespaces,
             log_json,
             drain: Duration::from_secs(args.drain_secs),
+            node_report_ttl: Duration::from_secs(args.node_report_ttl_secs),
             dev_token,
         })
     }

@@ -47,6 +47,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
     pub started: Instant,
+    /// Random per process: tells this node's own control messages apart.
+    pub instance: String,
     draining: AtomicBool,
     next_id: AtomicU64,
     connections: AtomicUsize,
@@ -111,6 +113,70 @@ impl Shared {
     }
 }
 
+/// A cluster-wide operation, sent on the control channel.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Close every connection of `user` with 4010.
+    Disconnect {
+        from: String,
+        user: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+}
+
+/// Carries out control messages from other nodes.
+async fn control_loop(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    loop {
+        let payload = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        match serde_json::from_slice::<ControlMessage>(&payload) {
+            // This node acted when it sent it.
+            Ok(ControlMessage::Disconnect { from, .. }) if from == shared.instance => {}
+            Ok(ControlMessage::Disconnect { user, reason, .. }) => {
+                let n = shared.disconnect_user(&user);
+                tracing::info!(%user, reason = reason.as_deref().unwrap_or(""), connections = n, "cluster disconnect");
+            }
+            Err(error) => {
+                metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "control").increment(1);
+                tracing::warn!(%error, bytes = payload.len(), "unreadable control message ignored");
+            }
+        }
+    }
+}
+
+/// Reports this node's figures for the cluster view of `/api/stats`, every third of
+/// the report TTL: a node that dies drops out within the TTL.
+async fn report_loop(shared: Arc<Shared>) {
+    let ttl = shared.settings.node_report_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !shared.broker.is_ready() {
+            continue;
+        }
+        let report = crate::api::node_stats(&shared).to_string();
+        if let Err(error) = shared
+            .broker
+            .report(&shared.settings.node_id, &report, ttl)
+            .await
+        {
+            metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "report").increment(1);
+            tracing::debug!(%error, "node report failed");
+        }
+    }
+}
+
 /// Decrements the connection count when dropped.
 pub(crate) struct ConnectionGuard(Arc<Shared>);
 
@@ -148,7 +214,13 @@ impl Node {
         let hub = Arc::new(Hub::default());
         let (subscriptions, commands) = Subscriptions::channel();
         let (repairs, repair_requests) = Repairs::channel();
-        let sink = BrokerSink::new(hub.clone(), subscriptions.clone(), repairs.clone());
+        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = BrokerSink::new(
+            hub.clone(),
+            subscriptions.clone(),
+            repairs.clone(),
+            control_tx,
+        );
         let broker: Arc<dyn Broker> = match &settings.broker {
             BrokerSettings::Memory => Arc::new(MemoryBroker::new(sink)),
             BrokerSettings::Redis { url, probe } => {
@@ -178,11 +250,23 @@ impl Node {
             shutdown: shutdown.clone(),
             metrics,
             started: Instant::now(),
+            instance: crate::config::random_token(16),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
         });
+        // Cluster-wide operations arrive on the control channel, which this node holds
+        // for its whole life (resubscribed after reconnects like any channel).
+        if let Err(error) = shared
+            .subscriptions
+            .acquire(Arc::from(crate::broker::CONTROL_CHANNEL))
+            .await
+        {
+            tracing::warn!(%error, "control channel not subscribed yet; retried in the background");
+        }
+        tracker.spawn(control_loop(shared.clone(), control_rx));
+        tracker.spawn(report_loop(shared.clone()));
         // Every gauge exists from the start: an absent series cannot be alerted on.
         metrics::gauge!(m::CONNECTIONS).set(0.0);
         metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);

@@ -24,6 +24,7 @@ pub struct MemoryBroker {
 struct State {
     channels: HashMap<String, ChannelHistory>,
     subscribed: HashSet<Arc<str>>,
+    reports: HashMap<String, (String, Instant)>,
 }
 
 struct ChannelHistory {
@@ -163,6 +164,33 @@ impl Broker for MemoryBroker {
             top: h.offset,
             entries,
         })
+    }
+
+    async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError> {
+        // One node: this one.
+        self.sink
+            .deliver(super::CONTROL_CHANNEL, payload.as_bytes());
+        Ok(1)
+    }
+
+    async fn report(
+        &self,
+        node: &str,
+        report: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        state
+            .reports
+            .insert(node.to_string(), (report.to_string(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn reports(&self) -> Result<Vec<String>, BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        let now = Instant::now();
+        state.reports.retain(|_, (_, until)| *until > now);
+        Ok(state.reports.values().map(|(r, _)| r.clone()).collect())
     }
 
     async fn shutdown(&self) {}

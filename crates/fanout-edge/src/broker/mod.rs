@@ -48,6 +48,10 @@ pub struct HistoryRead {
     pub entries: Vec<Arc<Envelope>>,
 }
 
+/// The channel every node subscribes to for cluster-wide operations. `#` cannot occur
+/// in a client channel name, so no client can subscribe or publish to it.
+pub const CONTROL_CHANNEL: &str = "fanout#control";
+
 /// The most history entries one read returns.
 pub const MAX_HISTORY_READ: u32 = 10_000;
 
@@ -70,6 +74,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Reads the channel's epoch, last offset and kept messages, atomically.
     async fn history(&self, channel: &str, query: HistoryQuery)
         -> Result<HistoryRead, BrokerError>;
+    /// Publishes `payload` on [`CONTROL_CHANNEL`] to every node (this one included);
+    /// returns how many nodes received it.
+    async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError>;
+    /// Stores this node's report (JSON) for `ttl`: a node that stops reporting drops
+    /// out of the cluster view.
+    async fn report(
+        &self,
+        node: &str,
+        report: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BrokerError>;
+    /// The reports of every live node.
+    async fn reports(&self) -> Result<Vec<String>, BrokerError>;
     /// Closes connections.
     async fn shutdown(&self);
 }
@@ -80,6 +97,7 @@ pub struct BrokerSink {
     hub: Arc<Hub>,
     subscriptions: Subscriptions,
     repairs: crate::recovery::Repairs,
+    control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl BrokerSink {
@@ -87,11 +105,13 @@ impl BrokerSink {
         hub: Arc<Hub>,
         subscriptions: Subscriptions,
         repairs: crate::recovery::Repairs,
+        control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     ) -> BrokerSink {
         BrokerSink {
             hub,
             subscriptions,
             repairs,
+            control,
         }
     }
 
@@ -99,6 +119,10 @@ impl BrokerSink {
     /// bug on this path is contained to this one message (logged and counted), so it
     /// can never stop delivery for the whole node.
     pub fn deliver(&self, channel: &str, payload: &[u8]) {
+        if channel == CONTROL_CHANNEL {
+            let _ = self.control.send(payload.to_vec());
+            return;
+        }
         let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.deliver_inner(channel, payload)
         }));

@@ -111,6 +111,14 @@ fn pong_of(reply: &Value, token: &str) -> bool {
     }
 }
 
+/// The set of nodes that have reported.
+const NODES_KEY: &str = "fanout:nodes";
+
+/// A node's report.
+fn node_key(node: &str) -> String {
+    format!("fanout:node:{node}")
+}
+
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
@@ -324,6 +332,50 @@ impl Broker for RedisBroker {
             other => other.map_err(unavailable)?,
         };
         parse_history(reply, matches!(query, HistoryQuery::Last(_)))
+    }
+
+    async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError> {
+        let client = self.publisher.client();
+        client
+            .publish::<usize, _, _>(super::CONTROL_CHANNEL, payload)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn report(&self, node: &str, report: &str, ttl: Duration) -> Result<(), BrokerError> {
+        // One key per node with a TTL (a dead node's expires), listed in a set that
+        // readers prune.
+        let client = self.publisher.client();
+        let key = node_key(node);
+        let _: () = client
+            .set(
+                &key,
+                report,
+                Some(Expiration::PX(ttl.as_millis() as i64)),
+                None,
+                false,
+            )
+            .await
+            .map_err(unavailable)?;
+        let _: () = client.sadd(NODES_KEY, node).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reports(&self) -> Result<Vec<String>, BrokerError> {
+        let client = self.publisher.client();
+        let nodes: Vec<String> = client.smembers(NODES_KEY).await.map_err(unavailable)?;
+        let mut reports = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            // One GET per node (in Redis Cluster the keys live on different slots).
+            let report: Option<String> = client.get(node_key(&node)).await.map_err(unavailable)?;
+            match report {
+                Some(r) => reports.push(r),
+                None => {
+                    let _: Result<(), _> = client.srem(NODES_KEY, &node).await;
+                }
+            }
+        }
+        Ok(reports)
     }
 
     async fn shutdown(&self) {

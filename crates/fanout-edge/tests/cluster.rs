@@ -1,0 +1,110 @@
+//! Cluster-wide operations across nodes sharing one real Redis: admin disconnects reach
+//! every node, and `/api/stats` shows every live node (a killed one drops out within
+//! the report TTL).
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use fanout_testkit::{RedisServer, WsClient};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// A node as its own process (so that it can be killed -9), on a free port.
+async fn spawn_node(redis: &RedisServer, id: &str) -> (Child, String) {
+    let port = fanout_testkit::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_fanout-edge"))
+        .args([
+            "--listen",
+            &listen,
+            "--redis-url",
+            &redis.url(),
+            "--node-id",
+            id,
+        ])
+        .args(["--jwt-secret", SECRET, "--admin-token", ADMIN])
+        .args(["--node-report-ttl-secs", "3"])
+        .env("FANOUT_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    eventually("the second node ready", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && fanout_testkit::http(addr, "GET", "/readyz", None, None)
+                .await
+                .0
+                == 200
+    })
+    .await;
+    (child, format!("ws://{listen}/ws"))
+}
+
+async fn connect_url(url: &str, token: &str) -> WsClient {
+    let mut c = WsClient::connect(&format!("{url}?token={token}"))
+        .await
+        .unwrap();
+    c.recv_type("connected").await;
+    c
+}
+
+#[tokio::test]
+async fn admin_disconnect_and_stats_span_every_node() {
+    let redis = RedisServer::start().unwrap();
+    let a = start(
+        Some(&redis.url()),
+        &["--node-id", "a", "--node-report-ttl-secs", "3"],
+    )
+    .await;
+    let (mut b, b_url) = spawn_node(&redis, "b").await;
+
+    let mut on_a = connect(&a, &token("77", &[])).await;
+    let mut on_b = connect_url(&b_url, &token("77", &[])).await;
+    let mut bystander = connect_url(&b_url, &token("78", &[])).await;
+
+    // The cluster view lists both nodes and sums their connections.
+    eventually("both nodes in the cluster view", || async {
+        stats(&a).await["cluster"]["nodes"] == 2
+    })
+    .await;
+    let s = stats(&a).await;
+    let ids: Vec<&str> = s["cluster"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"], "{s}");
+
+    // One call on node a closes user 77 on both nodes with 4010.
+    let (status, body) = fanout_testkit::http(
+        a.local_addr(),
+        "POST",
+        "/api/disconnect",
+        Some(ADMIN),
+        Some(r#"{"user":"77","reason":"account closed"}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["disconnected"], 1, "{body}");
+    assert_eq!(body["nodes_notified"], 2, "{body}");
+    assert_eq!(on_a.expect_close().await, Some(4010));
+    assert_eq!(on_b.expect_close().await, Some(4010));
+    bystander
+        .send(serde_json::json!({"type":"ping","id":1}))
+        .await;
+    assert_eq!(bystander.recv_type("pong").await["id"], 1);
+
+    // Node b dies without a word: it leaves the cluster view within the report TTL.
+    b.kill().await.unwrap();
+    eventually("the dead node gone from the cluster view", || async {
+        stats(&a).await["cluster"]["nodes"] == 1
+    })
+    .await;
+    a.shutdown().await;
+}
