@@ -126,6 +126,34 @@ pub enum ControlMessage {
     },
 }
 
+/// Takes the node's reference on the control channel, retrying with backoff until the
+/// broker subscribes it (a failed acquire gives its reference back). Once held, the
+/// subscription task keeps it through reconnects.
+async fn hold_control_channel(shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let acquired = shared
+            .subscriptions
+            .acquire(Arc::from(crate::broker::CONTROL_CHANNEL));
+        let result = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = acquired => r,
+        };
+        match result {
+            Ok(()) => return,
+            Err(error) => {
+                metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "control").increment(1);
+                tracing::warn!(%error, "control channel not subscribed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Carries out control messages from other nodes.
 async fn control_loop(shared: Arc<Shared>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
     loop {
@@ -258,12 +286,11 @@ impl Node {
         });
         // Cluster-wide operations arrive on the control channel, which this node holds
         // for its whole life (resubscribed after reconnects like any channel).
-        if let Err(error) = shared
-            .subscriptions
-            .acquire(Arc::from(crate::broker::CONTROL_CHANNEL))
-            .await
-        {
-            tracing::warn!(%error, "control channel not subscribed yet; retried in the background");
+        // First attempt before serving, so that a started node is reachable at once.
+        let control = Arc::from(crate::broker::CONTROL_CHANNEL);
+        if let Err(error) = shared.subscriptions.acquire(control).await {
+            tracing::warn!(%error, "control channel not subscribed yet; retrying in the background");
+            tracker.spawn(hold_control_channel(shared.clone()));
         }
         tracker.spawn(control_loop(shared.clone(), control_rx));
         tracker.spawn(report_loop(shared.clone()));
