@@ -26,7 +26,8 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
-    /// redis://, rediss://, redis-cluster://h1:p1,h2:p2, redis-sentinel://…; unset = the
+    /// redis://, rediss://, redis-cluster://h1:p1,h2:p2 (sharded pub/sub),
+    /// redis-sentinel://s1:p1,s2:p2/<service>; unset = the
     /// embedded in-memory broker (single node).
     #[arg(long, env = "FANOUT_REDIS_URL")]
     pub redis_url: Option<String>,
@@ -259,23 +260,8 @@ impl Settings {
         let broker = match args.redis_url.as_deref().map(str::trim) {
             None | Some("") => BrokerSettings::Memory,
             Some(url) => {
-                let scheme = url.split("://").next().unwrap_or_default();
-                if !matches!(
-                    scheme,
-                    "redis" | "rediss" | "redis-cluster" | "redis-sentinel"
-                ) || !url.contains("://")
-                {
-                    return Err(ConfigError::RedisUrl(format!(
-                        "`{scheme}://` is not one of redis://, rediss://, redis-cluster://, redis-sentinel://"
-                    )));
-                }
-                if scheme == "redis-cluster" {
-                    return Err(ConfigError::RedisUrl(
-                        "redis-cluster:// (sharded pub/sub) is not supported by this version; use redis://, rediss:// or redis-sentinel://".into(),
-                    ));
-                }
-                fred::types::config::Config::from_url(url)
-                    .map_err(|e| ConfigError::RedisUrl(e.details().to_string()))?;
+                fanout_publisher::redis_config(url)
+                    .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
                 BrokerSettings::Redis {
                     url: url.to_string(),
                     probe: Duration::from_millis(args.redis_probe_ms),
@@ -558,13 +544,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("FANOUT_ADMIN_TOKEN"), "{e}");
-        let e = parse(&[
+        parse(&[
             "--redis-url",
             "redis-cluster://127.0.0.1:7000,127.0.0.1:7001",
         ])
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("not supported"), "{e}");
+        .expect("a cluster URL is accepted");
+        let e = parse(&["--redis-url", "redis-sentinel://127.0.0.1:26379"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("FANOUT_REDIS_URL") && e.contains("service name"),
+            "{e}"
+        );
         let e = parse(&["--allowed-origins", "app.example.com"])
             .unwrap_err()
             .to_string();

@@ -36,6 +36,7 @@ pub const JOBS_COMPLETED_TOTAL: &str = "fanout_job_subscriptions_completed_total
 pub const CONFLATED_MESSAGES_TOTAL: &str = "fanout_conflated_messages_total";
 pub const OUTBOUND_QUEUE_BYTES: &str = "fanout_outbound_queue_bytes";
 pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_total";
+pub const BROKER_TOPOLOGY_CHANGES_TOTAL: &str = "fanout_broker_topology_changes_total";
 pub const DRAINING: &str = "fanout_draining";
 pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
 
@@ -203,6 +204,11 @@ fn describe() {
         BROKER_PROBE_FAILURES_TOTAL,
         Unit::Count,
         "Liveness probes of the Redis subscriber connection that failed or timed out (each forces a reconnect)."
+    );
+    describe_counter!(
+        BROKER_TOPOLOGY_CHANGES_TOTAL,
+        Unit::Count,
+        "Redis Cluster slot-to-primary changes seen (failover, resharding); each resubscribes every channel at its new owner and checks it against history."
     );
     describe_gauge!(
         DRAINING,

@@ -23,6 +23,7 @@
 //! ```
 
 mod background;
+mod url;
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -35,6 +36,7 @@ use serde_json::value::RawValue;
 use thiserror::Error;
 
 pub use background::BackgroundPublisher;
+pub use url::{is_cluster_url, redis_config, UrlError};
 
 /// Why a publish failed.
 #[derive(Debug, Error)]
@@ -45,6 +47,8 @@ pub enum PublishError {
     Data(#[from] serde_json::Error),
     #[error("redis: {0}")]
     Redis(#[from] fred::error::Error),
+    #[error("redis URL: {0}")]
+    Url(#[from] UrlError),
     #[error("unexpected reply from the publish script: {0}")]
     Reply(String),
 }
@@ -98,10 +102,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects to `redis://`, `rediss://`, `redis-cluster://` or `redis-sentinel://`.
-    /// Reconnects on its own after a Redis outage.
+    /// Connects to `redis://`, `rediss://`, `redis-cluster://h1:p1,h2:p2` or
+    /// `redis-sentinel://s1:p1,s2:p2/<service>` (see [`redis_config`]). Reconnects on its
+    /// own after a Redis outage; in a cluster, follows failovers and slot moves.
     pub async fn connect(url: &str) -> Result<Publisher, PublishError> {
-        let config = Config::from_url(url)?;
+        let config = redis_config(url)?;
         let client = Builder::from_config(config)
             .with_performance_config(|p| p.default_command_timeout = Duration::from_secs(5))
             .with_connection_config(|c| {

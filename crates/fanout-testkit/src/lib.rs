@@ -12,10 +12,12 @@
 //! # }
 //! ```
 
+mod cluster;
 mod http;
 mod redis;
 mod ws;
 
+pub use cluster::{ClusterNode, RedisCluster};
 pub use http::http;
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
 pub use ws::{Incoming, WsClient};

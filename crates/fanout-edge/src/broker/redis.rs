@@ -3,6 +3,14 @@
 //! publishing (the publish script of `fanout-publisher`). Both reconnect on their own
 //! with capped exponential backoff; after the subscriber reconnects the node subscribes
 //! every wanted channel again.
+//!
+//! With `redis-cluster://` the subscriber is a cluster client with one connection per
+//! primary (shard) and uses sharded pub/sub: SSUBSCRIBE goes to the shard that owns the
+//! channel's slot, and publishes use SPUBLISH (inside the publish script, whose keys
+//! hash-tag the channel, so script, history and channel share that slot). A watcher
+//! reads the slot map every second; when a slot changes owner (failover, resharding) —
+//! Redis then drops the old owner's sharded subscriptions with `sunsubscribe` — every
+//! channel is subscribed again at its new owner and checked against its history.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +27,8 @@ use fanout_protocol::{layout, Envelope};
 
 pub struct RedisBroker {
     subscriber: Client,
+    /// Redis Cluster: sharded pub/sub (SSUBSCRIBE/SPUBLISH).
+    sharded: bool,
     publisher: Publisher,
     history_sha: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -31,7 +41,8 @@ pub struct RedisBroker {
 const SUBSCRIBER_BUFFER: usize = 16 * 1024;
 
 fn builder(url: &str, notification_capacity: usize) -> Result<Builder, BrokerError> {
-    let config = Config::from_url(url).map_err(|e| BrokerError::Invalid(e.to_string()))?;
+    let config =
+        fanout_publisher::redis_config(url).map_err(|e| BrokerError::Invalid(e.to_string()))?;
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| {
@@ -123,6 +134,60 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// How often the cluster's slot map is read.
+const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Which primary owns which slots, as a comparable value.
+fn slot_map(client: &Client) -> Vec<(u16, u16, String)> {
+    let mut map: Vec<(u16, u16, String)> = client
+        .cached_cluster_state()
+        .map(|state| {
+            state
+                .slots()
+                .iter()
+                .map(|r| (r.start, r.end, r.primary.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    map.sort();
+    map
+}
+
+/// Redis Cluster: reads the slot map every [`TOPOLOGY_INTERVAL`] (fred reconnects to new
+/// primaries as it syncs); when any slot changed owner, every channel is subscribed
+/// again — at its new owner — and checked against its history. Redis unsubscribes a
+/// shard's clients itself when its slots move (`sunsubscribe`, which fred does not
+/// surface), so this is what keeps a failover from leaving channels deaf.
+async fn watch_topology(subscriber: Client, sink: BrokerSink) {
+    let mut known = slot_map(&subscriber);
+    let mut tick = tokio::time::interval(TOPOLOGY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(error) = subscriber.sync_cluster().await {
+            tracing::debug!(%error, "reading the Redis Cluster slot map failed; retrying");
+            continue;
+        }
+        let now = slot_map(&subscriber);
+        if now != known && !now.is_empty() {
+            let owners = |m: &[(u16, u16, String)]| {
+                let mut o: Vec<&str> = m.iter().map(|(_, _, p)| p.as_str()).collect();
+                o.sort_unstable();
+                o.dedup();
+                o.join(",")
+            };
+            metrics::counter!(m::BROKER_TOPOLOGY_CHANGES_TOTAL).increment(1);
+            tracing::warn!(
+                before = %owners(&known),
+                after = %owners(&now),
+                "redis cluster slots changed owner; resubscribing every channel at its owner"
+            );
+            known = now;
+            sink.reconnected();
+        }
+    }
+}
+
 impl RedisBroker {
     /// Brings the subscriber connection in step: PINGs with fresh tokens until one is
     /// answered by its own PONG. A reply meant for an earlier command (left over from a
@@ -163,6 +228,7 @@ impl RedisBroker {
         metrics::gauge!(m::BROKER_UP).set(1.0);
 
         let reader_sink = sink.clone();
+        let topology_sink = sink.clone();
         let reader = tokio::spawn(async move {
             loop {
                 match messages.recv().await {
@@ -227,8 +293,20 @@ impl RedisBroker {
                 }
                 // Any answer, even an error (a refusal meant for another command), shows
                 // the link is alive; a closed link is fred's to reconnect. Only silence
-                // is a half-dead link.
-                let answered = tokio::time::timeout(probe, prober.ping::<Value>(None)).await;
+                // is a half-dead link. In a cluster every shard's connection is probed.
+                let answered = tokio::time::timeout(probe, async {
+                    match prober.cached_cluster_state() {
+                        Some(state) if prober.is_clustered() => {
+                            for server in state.unique_primary_nodes() {
+                                let _ = prober.with_cluster_node(server).ping::<Value>(None).await;
+                            }
+                        }
+                        _ => {
+                            let _ = prober.ping::<Value>(None).await;
+                        }
+                    }
+                })
+                .await;
                 if answered.is_ok() {
                     continue;
                 }
@@ -241,11 +319,20 @@ impl RedisBroker {
                 let _ = tokio::time::timeout(probe, prober.force_reconnection()).await;
             }
         });
+        let sharded = subscriber.is_clustered();
+        let mut tasks = vec![reader, events, probe_task];
+        if sharded {
+            tasks.push(tokio::spawn(watch_topology(
+                subscriber.clone(),
+                topology_sink,
+            )));
+        }
         Ok(RedisBroker {
             subscriber,
+            sharded,
             publisher: Publisher::from_client(command),
             history_sha: fred::util::sha1_hash(layout::HISTORY_SCRIPT),
-            tasks: vec![reader, events, probe_task],
+            tasks,
         })
     }
 }
@@ -261,6 +348,19 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        if self.sharded {
+            // One channel per SSUBSCRIBE: channels of one command must share a slot, and
+            // fred matches only the first of several confirmations to the command. fred
+            // waits for each SSUBSCRIBE's own reply (following MOVED), so a success here
+            // is Redis' confirmation and an error is its refusal.
+            for channel in channels {
+                self.subscriber
+                    .ssubscribe(&**channel)
+                    .await
+                    .map_err(|e| unavailable(format!("SSUBSCRIBE {channel}: {e}")))?;
+            }
+            return Ok(());
+        }
         // fred resolves SUBSCRIBE as soon as it is written; Redis' refusal (e.g.
         // NOPERM) arrives out of band and fred hands it to whatever command is waiting.
         // So the connection is first brought in step (no stale reply in flight), then a
@@ -283,6 +383,15 @@ impl Broker for RedisBroker {
     }
 
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        if self.sharded {
+            for channel in channels {
+                self.subscriber
+                    .sunsubscribe(&**channel)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            return Ok(());
+        }
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
         self.subscriber.unsubscribe(keys).await.map_err(unavailable)
     }
@@ -336,6 +445,13 @@ impl Broker for RedisBroker {
 
     async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError> {
         let client = self.publisher.client();
+        if self.sharded {
+            // Every node SSUBSCRIBEs the control channel at the shard that owns it.
+            return client
+                .spublish::<usize, _, _>(super::CONTROL_CHANNEL, payload)
+                .await
+                .map_err(unavailable);
+        }
         client
             .publish::<usize, _, _>(super::CONTROL_CHANNEL, payload)
             .await
