@@ -1,21 +1,43 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what is missing (redis-server),
-# then runs every test of the workspace against real processes. README: "Test".
+# The whole test suite, from a fresh machine: installs what is missing (redis-server,
+# haproxy, and the deploy validators), runs every test of the workspace against real
+# processes, then validates every deployment artefact (scripts/validate-deploy.sh).
+# README: "Test". Extra arguments go to the test runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"
 
+# binary:package pairs; one `apt-get update`, one install, only for what is absent.
+needs=(
+  redis-server:redis-server redis-cli:redis-tools haproxy:haproxy
+  nginx:nginx-light promtool:prometheus yamllint:yamllint shellcheck:shellcheck curl:curl
+)
 missing=()
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+for pair in "${needs[@]}"; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  export FANOUT_APT_UPDATED=1
+  # Installing haproxy / nginx / prometheus must not start them as services (nginx
+  # would take port 80): a policy-rc.d refuses, for this install only.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+  fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+  [ -z "$policy" ] || $SUDO rm -f "$policy"
+  [ "$rc" -eq 0 ] || { echo "test.sh: apt-get install failed" >&2; exit "$rc"; }
 fi
-# Tests start their own redis-server processes on free ports; a system service is not
-# needed (and 6379 is never used).
+# Tests start their own redis-server / haproxy processes on free loopback ports; no
+# system service is needed (and 6379 is never used).
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
@@ -24,3 +46,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --no-fail-fast "$@"
 fi
+
+# Deployment artefacts, offline, with a live node built by the tests above.
+FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-target/debug/fanout-edge}" scripts/validate-deploy.sh

@@ -74,6 +74,30 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    // Labelled counters exist from the start at 0, so that `increase()` and `rate()` see
+    // their first event (a series born at 1 looks like no increase).
+    for (name, label, values) in [
+        (
+            RECOVERIES_TOTAL,
+            "outcome",
+            &["recovered", "not_recovered"][..],
+        ),
+        (GAP_REPAIRS_TOTAL, "outcome", &["repaired", "reset"][..]),
+        (
+            SLOW_CONSUMER_CLOSES_TOTAL,
+            "limit",
+            &["messages", "bytes"][..],
+        ),
+        (
+            INTERNAL_ERRORS_TOTAL,
+            "place",
+            &["control", "deliver", "session"][..],
+        ),
+    ] {
+        for value in values {
+            metrics::counter!(name, label => *value).increment(0);
+        }
+    }
     describe_gauge!(
         CONNECTIONS,
         Unit::Count,

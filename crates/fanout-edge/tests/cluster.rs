@@ -4,45 +4,9 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 use fanout_testkit::{RedisServer, WsClient};
 use serde_json::Value;
-use tokio::process::{Child, Command};
-
-/// A node as its own process (so that it can be killed -9), on a free port.
-async fn spawn_node(redis: &RedisServer, id: &str) -> (Child, String) {
-    let port = fanout_testkit::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_fanout-edge"))
-        .args([
-            "--listen",
-            &listen,
-            "--redis-url",
-            &redis.url(),
-            "--node-id",
-            id,
-        ])
-        .args(["--jwt-secret", SECRET, "--admin-token", ADMIN])
-        .args(["--node-report-ttl-secs", "3"])
-        .env("FANOUT_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
-    eventually("the second node ready", || async {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-            && fanout_testkit::http(addr, "GET", "/readyz", None, None)
-                .await
-                .0
-                == 200
-    })
-    .await;
-    (child, format!("ws://{listen}/ws"))
-}
 
 async fn connect_url(url: &str, token: &str) -> WsClient {
     let mut c = WsClient::connect(&format!("{url}?token={token}"))
@@ -60,7 +24,8 @@ async fn admin_disconnect_and_stats_span_every_node() {
         &["--node-id", "a", "--node-report-ttl-secs", "3"],
     )
     .await;
-    let (mut b, b_url) = spawn_node(&redis, "b").await;
+    let (mut b, b_addr) = spawn_edge(&redis.url(), "b", &["--node-report-ttl-secs", "3"]).await;
+    let b_url = format!("ws://{b_addr}/ws");
 
     let mut on_a = connect(&a, &token("77", &[])).await;
     let mut on_b = connect_url(&b_url, &token("77", &[])).await;

@@ -13,11 +13,13 @@
 //! ```
 
 mod cluster;
+mod haproxy;
 mod http;
 mod redis;
 mod ws;
 
 pub use cluster::{ClusterNode, RedisCluster};
+pub use haproxy::Haproxy;
 pub use http::http;
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
 pub use ws::{Incoming, WsClient};

@@ -30,6 +30,7 @@ pub struct WsClient {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     msgpack: bool,
     pings: usize,
+    set_cookie: Vec<String>,
 }
 
 impl WsClient {
@@ -56,17 +57,25 @@ impl WsClient {
         let config = WebSocketConfig::default()
             .max_message_size(Some(64 << 20))
             .max_frame_size(Some(64 << 20));
-        let (stream, _response) = tokio::time::timeout(
+        let (stream, response) = tokio::time::timeout(
             WAIT,
             tokio_tungstenite::connect_async_with_config(request, Some(config), false),
         )
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
+        let set_cookie = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::to_string)
+            .collect();
         Ok(WsClient {
             stream,
             msgpack,
             pings: 0,
+            set_cookie,
         })
     }
 
@@ -148,6 +157,15 @@ impl WsClient {
                 Some(Ok(_)) => continue,
             }
         }
+    }
+
+    /// The `Set-Cookie` headers of the upgrade response (a load balancer's affinity
+    /// cookie), as `name=value` without attributes.
+    pub fn cookies(&self) -> Vec<String> {
+        self.set_cookie
+            .iter()
+            .map(|c| c.split(';').next().unwrap_or_default().trim().to_string())
+            .collect()
     }
 
     /// WebSocket pings received from the server so far.

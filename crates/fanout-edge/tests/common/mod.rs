@@ -231,3 +231,39 @@ pub fn numbers(frames: &[Value]) -> Vec<u64> {
         .map(|f| f["data"]["n"].as_u64().expect("numbered message"))
         .collect()
 }
+
+/// A node as its own process (so that it can get SIGTERM or `kill -9`), on a free port,
+/// with the test secret and admin token and `extra` flags; returns once `/readyz` is 200.
+pub async fn spawn_edge(
+    redis_url: &str,
+    id: &str,
+    extra: &[&str],
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], fanout_testkit::free_port()).into();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout-edge"))
+        .args(["--listen", &addr.to_string(), "--redis-url", redis_url])
+        .args([
+            "--node-id",
+            id,
+            "--jwt-secret",
+            SECRET,
+            "--admin-token",
+            ADMIN,
+        ])
+        .args(extra)
+        .env("FANOUT_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("the edge process ready", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+            && fanout_testkit::http(addr, "GET", "/readyz", None, None)
+                .await
+                .0
+                == 200
+    })
+    .await;
+    (child, addr)
+}
