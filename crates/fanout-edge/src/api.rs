@@ -46,6 +46,7 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
         (&Method::POST, "/api/broadcast") => "broadcast",
         (&Method::POST, "/api/disconnect") => "disconnect",
         (&Method::GET, "/api/stats") => "stats",
+        (&Method::GET, "/api/presence") => "presence",
         _ => "unknown",
     };
     let result = match authorize(&req, &shared) {
@@ -55,6 +56,7 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
             "broadcast" => broadcast(req, &shared).await,
             "disconnect" => disconnect(req, &shared).await.map(ok),
             "stats" => Ok(ok(stats(&shared).await)),
+            "presence" => presence(&req, &shared).await.map(ok),
             _ => Err(ApiError::new(
                 ErrorCode::BadRequest,
                 "no such endpoint or method",
@@ -275,6 +277,28 @@ async fn disconnect(
 }
 
 /// This node's figures (also what it reports to the cluster view).
+/// `GET /api/presence?channel=…` → `{channel, clients:[{client, user, node}…]}`.
+async fn presence(req: &Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    let name = crate::http::query_param(req.uri().query(), "channel")
+        .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "`channel` query parameter missing"))?;
+    let channel = shared
+        .settings
+        .namespaces
+        .parse(&name)
+        .map_err(|r| ApiError::new(r.code, r.message))?;
+    if !shared.settings.namespaces.for_channel(&channel).presence {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "presence is not enabled for namespace `{}`",
+                channel.namespace()
+            ),
+        ));
+    }
+    let clients = shared.presence.list(&name).await?;
+    Ok(serde_json::json!({"channel": name, "clients": clients}))
+}
+
 pub(crate) fn node_stats(shared: &Shared) -> serde_json::Value {
     serde_json::json!({
         "id": shared.settings.node_id,
@@ -287,6 +311,7 @@ pub(crate) fn node_stats(shared: &Shared) -> serde_json::Value {
         "channels": shared.hub.channels(),
         "subscriptions": shared.hub.subscriptions(),
         "outbound_queue_bytes": crate::outbox::queued_bytes(),
+        "presence_entries": shared.presence.local_len(),
     })
 }
 

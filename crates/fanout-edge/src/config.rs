@@ -44,6 +44,10 @@ pub struct Args {
     /// refreshed (refreshed every third of it): a dead node disappears within it.
     #[arg(long, env = "FANOUT_NODE_REPORT_TTL_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub node_report_ttl_secs: u64,
+    /// Seconds a presence entry lives without being refreshed (refreshed every third of
+    /// it): the clients of a node that died leave presence within it.
+    #[arg(long, env = "FANOUT_PRESENCE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(3..=3600))]
+    pub presence_ttl_secs: u64,
     /// HS256 secret.
     #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -232,6 +236,7 @@ pub struct Settings {
     pub drain: Duration,
     /// How long a node's report lives in the cluster view.
     pub node_report_ttl: Duration,
+    pub presence_ttl: Duration,
     /// Set in dev mode: a ready-to-use token for user `demo`, printed at start.
     pub dev_token: Option<String>,
 }
@@ -354,6 +359,7 @@ impl Settings {
             log_json,
             drain: Duration::from_secs(args.drain_secs),
             node_report_ttl: Duration::from_secs(args.node_report_ttl_secs),
+            presence_ttl: Duration::from_secs(args.presence_ttl_secs),
             dev_token,
         })
     }
@@ -447,13 +453,11 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
                 "the rules of built-in namespaces (user, job_progress) are fixed; only history, finished_ttl_secs, conflate, presence and join_leave can be set",
             ));
         }
-        for (flag, value) in [("presence", ns.presence), ("join_leave", ns.join_leave)] {
-            if value == Some(true) {
-                return Err(invalid(
-                    format!("{setting}.{flag}"),
-                    "is not available in this version of fanout",
-                ));
-            }
+        if ns.join_leave == Some(true) && ns.presence == Some(false) {
+            return Err(invalid(
+                format!("{setting}.join_leave"),
+                "needs presence (join/leave events announce presence changes); drop `presence = false`",
+            ));
         }
         let base = builtin.unwrap_or_else(|| Namespace::configured(&name));
         let history_ttl = ns
@@ -484,7 +488,7 @@ fn build_namespaces(file: BTreeMap<String, NamespaceFile>) -> Result<Namespaces,
                     None => base.history.finished_ttl,
                 },
             },
-            presence: ns.presence.unwrap_or(base.presence),
+            presence: ns.presence.unwrap_or(base.presence) || ns.join_leave == Some(true),
             join_leave: ns.join_leave.unwrap_or(base.join_leave),
             conflate: ns.conflate.unwrap_or(base.conflate),
         });
@@ -581,11 +585,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("namespaces.user"), "{e}");
-        std::fs::write(&path, "[namespaces.chat]\npresence = true\n").unwrap();
+        std::fs::write(
+            &path,
+            "[namespaces.chat]\npresence = false\njoin_leave = true\n",
+        )
+        .unwrap();
         let e = parse(&["--config", path.to_str().unwrap()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("namespaces.chat.presence"), "{e}");
+        assert!(e.contains("namespaces.chat.join_leave"), "{e}");
         std::fs::write(&path, "[limits]\nbogus = 1\n").unwrap();
         let e = parse(&["--config", path.to_str().unwrap()])
             .unwrap_err()

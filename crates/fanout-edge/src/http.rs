@@ -195,10 +195,15 @@ pub(crate) fn bearer(value: Option<&HeaderValue>) -> Option<String> {
 }
 
 fn query_token(query: Option<&str>) -> Option<String> {
+    query_param(query, "token")
+}
+
+/// The percent-decoded value of `name` in a query string (`None` if absent or empty).
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == "token")
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| percent_decode(v))
         .filter(|t| !t.is_empty())
 }

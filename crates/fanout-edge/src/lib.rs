@@ -30,6 +30,7 @@ pub mod hub;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod presence;
 pub mod recovery;
 pub mod rules;
 mod session;

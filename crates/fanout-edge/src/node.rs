@@ -44,6 +44,7 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub subscriptions: Subscriptions,
+    pub presence: Arc<crate::presence::Presence>,
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
     pub started: Instant,
@@ -270,11 +271,17 @@ impl Node {
             repair_requests,
             shutdown.clone(),
         ));
+        let presence = crate::presence::Presence::start(
+            broker.clone(),
+            settings.presence_ttl,
+            shutdown.clone(),
+        );
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             hub,
             broker,
             subscriptions,
+            presence,
             shutdown: shutdown.clone(),
             metrics,
             started: Instant::now(),

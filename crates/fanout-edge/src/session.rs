@@ -383,13 +383,7 @@ impl Session {
             } => self.publish(id, &channel, &data, event.as_deref()).await,
             ClientFrame::Ping => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { token } => self.refresh(id, &token),
-            ClientFrame::Presence { channel } => {
-                let message = match self.shared.settings.namespaces.parse(&channel) {
-                    Ok(c) => format!("presence is not enabled for namespace `{}`", c.namespace()),
-                    Err(r) => r.message,
-                };
-                self.error(id, ErrorCode::Forbidden, &message)
-            }
+            ClientFrame::Presence { channel } => self.presence(id, &channel).await,
         }
     }
 
@@ -455,8 +449,14 @@ impl Session {
             );
         }
         // Subscriptions the hub ended (a finished job) are gone from the hub already.
-        self.channels
-            .retain(|c, ()| shared.hub.contains(c, self.id));
+        let (client, id_) = (self.client.clone(), self.id);
+        self.channels.retain(|c, ()| {
+            let live = shared.hub.contains(c, id_);
+            if !live {
+                shared.presence.leave(c, &client);
+            }
+            live
+        });
         if self.channels.contains_key(name) {
             return self.error(
                 id,
@@ -504,6 +504,8 @@ impl Session {
         }
         let namespace = shared.settings.namespaces.for_channel(&channel);
         let conflate = namespace.conflate;
+        let (presence, join_leave) = (namespace.presence, namespace.join_leave);
+        let user = principal.user.clone();
         // A job's latest state comes at once, unless the client asked for something else.
         let query = match (since, last) {
             (Some(s), _) => HistoryQuery::After(s.offset),
@@ -561,6 +563,17 @@ impl Session {
         };
         match joined {
             Joined::Live { .. } => {
+                if presence {
+                    let info = serde_json::json!({
+                        "client": self.client,
+                        "user": user,
+                        "node": shared.settings.node_id,
+                    })
+                    .to_string();
+                    shared
+                        .presence
+                        .join(channel.clone(), &self.client, info, join_leave);
+                }
                 self.channels.insert(channel, ());
             }
             Joined::Ended => {
@@ -574,6 +587,7 @@ impl Session {
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
         match self.channels.remove_entry(name) {
             Some((channel, ())) if self.shared.hub.remove(&channel, self.id) => {
+                self.shared.presence.leave(&channel, &self.client);
                 // Nothing of it may follow the `unsubscribed` reply.
                 self.outbox.forget(&channel);
                 self.shared.subscriptions.release(channel);
@@ -645,6 +659,52 @@ impl Session {
         }
     }
 
+    /// `presence {channel}`: who is subscribed, on every node. Allowed to subscribers
+    /// of the channel and to whoever may subscribe to it.
+    async fn presence(&mut self, id: Option<&FrameId>, name: &str) {
+        let shared = self.shared.clone();
+        let principal = self.principal.as_ref().expect("authenticated");
+        let channel = match shared.settings.namespaces.parse(name) {
+            Ok(c) => c,
+            Err(r) => return self.error(id, r.code, &r.message),
+        };
+        if !shared.settings.namespaces.for_channel(&channel).presence {
+            return self.error(
+                id,
+                ErrorCode::BadRequest,
+                &format!(
+                    "presence is not enabled for namespace `{}`",
+                    channel.namespace()
+                ),
+            );
+        }
+        if !self.channels.contains_key(name) {
+            if let Err(r) =
+                shared
+                    .settings
+                    .namespaces
+                    .check_subscribe(principal, &channel, Grant::None)
+            {
+                return self.error(id, r.code, &r.message);
+            }
+        }
+        match shared.presence.list(name).await {
+            Ok(clients) => self.send(&ServerFrame::Presence {
+                id,
+                channel: name,
+                clients: &clients,
+            }),
+            Err(error) => {
+                tracing::warn!(session = self.id, %error, "presence read failed");
+                self.error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable; retry shortly",
+                )
+            }
+        }
+    }
+
     fn refresh(&mut self, id: Option<&FrameId>, token: &str) {
         match self.shared.settings.auth.verify_connection(token) {
             Ok(p) if Some(&p.user) != self.principal.as_ref().map(|q| &q.user) => self.error(
@@ -682,6 +742,7 @@ impl Session {
 
     fn cleanup(&mut self) {
         for (channel, ()) in self.channels.drain() {
+            self.shared.presence.leave(&channel, &self.client);
             if self.shared.hub.remove(&channel, self.id) {
                 self.shared.subscriptions.release(channel);
             }

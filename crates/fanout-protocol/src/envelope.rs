@@ -32,6 +32,17 @@ pub struct Envelope {
     pub epoch: Option<String>,
     /// Publish time, ms since the Unix epoch.
     pub ts: u64,
+    /// `join` / `leave`: a presence notice (its data is the client's info), sent to
+    /// clients as a `join` / `leave` frame instead of a `message`; never has an offset.
+    pub notice: Option<Notice>,
+}
+
+/// What a presence notice announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Notice {
+    Join,
+    Leave,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +59,8 @@ struct Wire<'a> {
     epoch: Option<String>,
     #[serde(default)]
     ts: Option<u64>,
+    #[serde(default)]
+    notice: Option<Notice>,
 }
 
 #[derive(Serialize)]
@@ -102,6 +115,8 @@ impl Envelope {
                         offset: wire.offset,
                         epoch: wire.epoch,
                         ts: wire.ts.unwrap_or(received_ms),
+                        // A notice never carries a position.
+                        notice: wire.notice.filter(|_| wire.offset.is_none()),
                     };
                 }
             }
@@ -120,7 +135,26 @@ impl Envelope {
             offset: None,
             epoch: None,
             ts: received_ms,
+            notice: None,
         }
+    }
+
+    /// The payload of a presence notice: `{"fanout":1,"ts":…,"notice":"join","data":info}`.
+    pub fn encode_notice(notice: Notice, info: &RawValue, ts: u64) -> String {
+        #[derive(Serialize)]
+        struct NoticeBody<'a> {
+            fanout: u32,
+            ts: u64,
+            notice: Notice,
+            data: &'a RawValue,
+        }
+        serde_json::to_string(&NoticeBody {
+            fanout: ENVELOPE_VERSION,
+            ts,
+            notice,
+            data: info,
+        })
+        .expect("notice serializes")
     }
 
     /// The body a publisher hands to the publish script: the envelope without `offset`
@@ -154,6 +188,25 @@ impl Envelope {
     /// Encodes the `message` frame for `channel` in one codec. Called once per codec per
     /// message; the bytes are then shared by every subscriber.
     pub fn encode_message(&self, channel: &str, codec: Codec) -> Bytes {
+        if let Some(notice) = self.notice {
+            let frame = match notice {
+                Notice::Join => ServerFrame::Join {
+                    channel,
+                    info: &self.data,
+                },
+                Notice::Leave => ServerFrame::Leave {
+                    channel,
+                    info: &self.data,
+                },
+            };
+            return match codec {
+                Codec::Json => codec.encode(&frame),
+                // RawValue only serializes into JSON: through a Value for MessagePack.
+                Codec::MsgPack => {
+                    codec.encode(&serde_json::to_value(&frame).unwrap_or(serde_json::Value::Null))
+                }
+            };
+        }
         let frame = ServerFrame::Message {
             channel,
             data: &self.data,

@@ -116,6 +116,23 @@ pub enum ServerFrame<'a> {
         event: Option<&'a str>,
         ts: u64,
     },
+    /// A client subscribed to a channel of a `join_leave` namespace.
+    Join {
+        channel: &'a str,
+        info: &'a RawValue,
+    },
+    /// A client left such a channel (unsubscribed, disconnected, or its node died).
+    Leave {
+        channel: &'a str,
+        info: &'a RawValue,
+    },
+    /// The answer to `presence {channel}`: every client subscribed on any node.
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a FrameId>,
+        channel: &'a str,
+        clients: &'a [serde_json::Value],
+    },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a FrameId>,

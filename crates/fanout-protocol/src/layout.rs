@@ -21,6 +21,12 @@ pub fn history_key(channel: &str) -> String {
     format!("fanout:{{{channel}}}:history")
 }
 
+/// Key of the presence hash of `channel`: field = client id, value =
+/// `<expiry, ms since the Unix epoch>|<client info JSON>`.
+pub fn presence_key(channel: &str) -> String {
+    format!("fanout:{{{channel}}}:presence")
+}
+
 /// Atomic publish. `KEYS[1]` = meta key, `KEYS[2]` = history key. `ARGV[1]` = channel,
 /// `ARGV[2]` = envelope body (from [`Envelope::encode_body`](crate::Envelope::encode_body),
 /// starting with `{`), `ARGV[3]` = history size (0 = keep none), `ARGV[4]` = TTL of

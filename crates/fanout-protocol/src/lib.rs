@@ -29,7 +29,7 @@ pub mod layout;
 pub use channel::{claim_matches, Channel, ChannelError, MAX_CHANNEL_LEN};
 pub use codec::{Codec, DecodeError, DecodedFrame};
 pub use codes::{CloseCode, ErrorCode};
-pub use envelope::{data_is_terminal, Envelope, EnvelopeError, ENVELOPE_VERSION};
+pub use envelope::{data_is_terminal, Envelope, EnvelopeError, Notice, ENVELOPE_VERSION};
 pub use frame::{ClientFrame, FrameId, ServerFrame, Since, SubscribedInfo};
 
 /// The terminal job statuses: a `job_progress` message whose data has one of these as

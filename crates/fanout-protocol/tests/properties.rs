@@ -56,7 +56,7 @@ proptest! {
     fn envelopes_round_trip(data in json_value(), offset in 1u64.., ts in 0u64..u64::MAX / 2,
                             event in proptest::option::of("[a-z]{1,10}"), epoch in "[A-Za-z0-9]{1,16}") {
         let raw = serde_json::value::to_raw_value(&data).unwrap();
-        let e = Envelope { data: raw, event, offset: Some(offset), epoch: Some(epoch), ts };
+        let e = Envelope { data: raw, event, offset: Some(offset), epoch: Some(epoch), ts, notice: None };
         let d = Envelope::decode(e.encode().as_bytes(), 0);
         prop_assert_eq!(d.data.get(), e.data.get());
         prop_assert_eq!((d.offset, d.epoch, d.event, d.ts), (e.offset, e.epoch, e.event, e.ts));

@@ -25,6 +25,8 @@ struct State {
     channels: HashMap<String, ChannelHistory>,
     subscribed: HashSet<Arc<str>>,
     reports: HashMap<String, (String, Instant)>,
+    /// channel → client → (info, until)
+    presence: HashMap<String, HashMap<String, (String, Instant)>>,
 }
 
 struct ChannelHistory {
@@ -110,6 +112,7 @@ impl Broker for MemoryBroker {
             offset: Some(h.offset),
             epoch: Some(h.epoch.clone()),
             ts: fanout_protocol::now_ms(),
+            notice: None,
         };
         let ttl = match history.finished_ttl {
             Some(t) if channel.starts_with("job_progress:") && envelope.is_terminal() => t,
@@ -191,6 +194,51 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         state.reports.retain(|_, (_, until)| *until > now);
         Ok(state.reports.values().map(|(r, _)| r.clone()).collect())
+    }
+
+    async fn notify(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        let state = self.state.lock().expect("memory broker lock");
+        if state.subscribed.contains(channel) {
+            self.sink.deliver(channel, payload.as_bytes());
+        }
+        Ok(())
+    }
+
+    async fn presence_set(
+        &self,
+        channel: &str,
+        client: &str,
+        info: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        state
+            .presence
+            .entry(channel.to_string())
+            .or_default()
+            .insert(client.to_string(), (info.to_string(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        if let Some(clients) = state.presence.get_mut(channel) {
+            clients.remove(client);
+            if clients.is_empty() {
+                state.presence.remove(channel);
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<String>, BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        let now = Instant::now();
+        let Some(clients) = state.presence.get_mut(channel) else {
+            return Ok(Vec::new());
+        };
+        clients.retain(|_, (_, until)| *until > now);
+        Ok(clients.values().map(|(info, _)| info.clone()).collect())
     }
 
     async fn shutdown(&self) {}

@@ -87,6 +87,22 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<(), BrokerError>;
     /// The reports of every live node.
     async fn reports(&self) -> Result<Vec<String>, BrokerError>;
+    /// Publishes `payload` on `channel` as it is: no offset, no history (presence
+    /// notices).
+    async fn notify(&self, channel: &str, payload: &str) -> Result<(), BrokerError>;
+    /// Records (or refreshes) `client` as present on `channel` with `info` (JSON) until
+    /// `ttl` from now, unless refreshed again.
+    async fn presence_set(
+        &self,
+        channel: &str,
+        client: &str,
+        info: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), BrokerError>;
+    /// Forgets `client` on `channel`.
+    async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
+    /// The info of every client present on `channel` (expired entries left out).
+    async fn presence(&self, channel: &str) -> Result<Vec<String>, BrokerError>;
     /// Closes connections.
     async fn shutdown(&self);
 }

@@ -494,6 +494,71 @@ impl Broker for RedisBroker {
         Ok(reports)
     }
 
+    async fn notify(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        let client = self.publisher.client();
+        if self.sharded {
+            client.spublish::<(), _, _>(channel, payload).await
+        } else {
+            client.publish::<(), _, _>(channel, payload).await
+        }
+        .map_err(unavailable)
+    }
+
+    async fn presence_set(
+        &self,
+        channel: &str,
+        client_id: &str,
+        info: &str,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        // One hash per channel (hash-tagged with it): field = client, value =
+        // `<expiry ms>|<info>`. Entries not refreshed in time are skipped by readers and
+        // pruned; the key itself outlives its last refresh by a TTL.
+        let client = self.publisher.client();
+        let key = layout::presence_key(channel);
+        let until = fanout_protocol::now_ms() + ttl.as_millis() as u64;
+        let _: () = client
+            .hset(&key, (client_id, format!("{until}|{info}")))
+            .await
+            .map_err(unavailable)?;
+        let _: () = client
+            .pexpire(&key, 2 * ttl.as_millis() as i64, None)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn presence_remove(&self, channel: &str, client_id: &str) -> Result<(), BrokerError> {
+        let client = self.publisher.client();
+        client
+            .hdel::<(), _, _>(layout::presence_key(channel), client_id)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<String>, BrokerError> {
+        let client = self.publisher.client();
+        let key = layout::presence_key(channel);
+        let entries: std::collections::HashMap<String, String> =
+            client.hgetall(&key).await.map_err(unavailable)?;
+        let now = fanout_protocol::now_ms();
+        let mut live = Vec::with_capacity(entries.len());
+        let mut expired = Vec::new();
+        for (client_id, value) in entries {
+            match value.split_once('|') {
+                Some((until, info)) if until.parse::<u64>().is_ok_and(|u| u > now) => {
+                    live.push(info.to_string())
+                }
+                _ => expired.push(client_id),
+            }
+        }
+        if !expired.is_empty() {
+            // Left by a node that died: pruned by whoever reads first.
+            let _: Result<(), _> = client.hdel(&key, expired).await;
+        }
+        Ok(live)
+    }
+
     async fn shutdown(&self) {
         let _ = self.subscriber.quit().await;
         let _ = self.publisher.client().quit().await;
