@@ -47,5 +47,8 @@ else
   cargo test --workspace --no-fail-fast "$@"
 fi
 
-# Deployment artefacts, offline, with a live node built by the tests above.
-FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-target/debug/fanout-edge}" scripts/validate-deploy.sh
+# Deployment artefacts, offline, with a live node built by the tests above (wherever
+# CARGO_TARGET_DIR puts it).
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-$target_dir/debug/fanout-edge}" scripts/validate-deploy.sh

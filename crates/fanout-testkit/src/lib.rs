@@ -16,12 +16,14 @@ mod cluster;
 mod haproxy;
 mod http;
 mod redis;
+mod sentinel;
 mod ws;
 
 pub use cluster::{ClusterNode, RedisCluster};
 pub use haproxy::Haproxy;
 pub use http::http;
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
+pub use sentinel::{RedisSentinel, SENTINEL_SERVICE};
 pub use ws::{Incoming, WsClient};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
