@@ -651,7 +651,13 @@ impl Hub {
             if offset <= sub.skip_to {
                 continue;
             }
-            if sub.message(&st.name, encoded.frame(sub.codec), replay) {
+            // A join/leave notice never replaces (nor is replaced by) a message.
+            let queued = if env.notice.is_some() {
+                sub.notice(&st.name, encoded.frame(sub.codec))
+            } else {
+                sub.message(&st.name, encoded.frame(sub.codec), replay)
+            };
+            if queued {
                 out.queued += 1;
             }
         }

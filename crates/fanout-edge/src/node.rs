@@ -271,11 +271,7 @@ impl Node {
             repair_requests,
             shutdown.clone(),
         ));
-        let presence = crate::presence::Presence::start(
-            broker.clone(),
-            settings.presence_ttl,
-            shutdown.clone(),
-        );
+        let presence = crate::presence::Presence::start(broker.clone(), settings.presence_ttl);
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             hub,
@@ -417,6 +413,8 @@ impl Node {
         self.shared.shutdown.cancel();
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        // The closed connections' leaves go out before Redis is let go.
+        self.shared.presence.close().await;
         self.shared.broker.shutdown().await;
         tracing::info!(node = %self.shared.settings.node_id, "fanout edge stopped");
     }

@@ -3,7 +3,8 @@
 //! channel, `fanout:{C}:presence`) with an expiry the node refreshes every third of
 //! `--presence-ttl-secs`; a node that dies stops refreshing, so its clients drop out
 //! within the TTL. With `join_leave = true` subscribers also get `join` / `leave`
-//! frames, sent as offset-less notices on the channel itself.
+//! frames, sent as offset-less notices on the channel itself. The clients of a node that
+//! dies leave presence silently (no `leave` frame) when their entries expire.
 //!
 //! Every broker write goes through one task per node, in order, so that a quick
 //! subscribe/unsubscribe can never leave a stale entry behind.
@@ -15,7 +16,6 @@ use std::time::Duration;
 use fanout_protocol::{Envelope, Notice};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError};
 use crate::metrics as m;
@@ -33,6 +33,8 @@ enum Op {
         info: String,
         notify: bool,
     },
+    /// Everything queued before it is written; then the writer stops.
+    Close(tokio::sync::oneshot::Sender<()>),
 }
 
 /// (channel, client) → (info JSON, join_leave)
@@ -47,8 +49,8 @@ pub struct Presence {
 }
 
 impl Presence {
-    /// Starts the writer task (stopped by `stop`).
-    pub fn start(broker: Arc<dyn Broker>, ttl: Duration, stop: CancellationToken) -> Arc<Presence> {
+    /// Starts the writer task (stopped by [`close`](Self::close)).
+    pub fn start(broker: Arc<dyn Broker>, ttl: Duration) -> Arc<Presence> {
         let (tx, rx) = mpsc::unbounded_channel();
         let presence = Arc::new(Presence {
             broker,
@@ -56,7 +58,7 @@ impl Presence {
             local: Mutex::new(HashMap::new()),
             tx,
         });
-        tokio::spawn(writer(Arc::downgrade(&presence), rx, ttl, stop));
+        tokio::spawn(writer(Arc::downgrade(&presence), rx, ttl));
         presence
     }
 
@@ -104,6 +106,15 @@ impl Presence {
         Ok(clients)
     }
 
+    /// Writes what is queued (the leaves of connections closed at shutdown), then stops
+    /// the writer; waits at most 3 s.
+    pub async fn close(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.tx.send(Op::Close(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), rx).await;
+        }
+    }
+
     /// Entries this node holds.
     pub fn local_len(&self) -> usize {
         self.local.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -118,25 +129,17 @@ async fn writer(
     presence: std::sync::Weak<Presence>,
     mut rx: mpsc::UnboundedReceiver<Op>,
     ttl: Duration,
-    stop: CancellationToken,
 ) {
     let mut refresh = tokio::time::interval(ttl / 3);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => {
-                // Leaves queued by the closing connections still go out (bounded).
-                let Some(p) = presence.upgrade() else { break };
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    while let Ok(op) = rx.try_recv() {
-                        apply(&p, op).await;
-                    }
-                })
-                .await;
-                break;
-            }
             op = rx.recv() => {
                 let (Some(op), Some(p)) = (op, presence.upgrade()) else { break };
+                if let Op::Close(done) = op {
+                    let _ = done.send(());
+                    break;
+                }
                 apply(&p, op).await;
             }
             _ = refresh.tick() => {
@@ -180,6 +183,7 @@ async fn apply(p: &Presence, op: Op) {
             let r = p.broker.presence_remove(&channel, &client).await;
             (channel, r, notify.then_some((Notice::Leave, info)))
         }
+        Op::Close(_) => return,
     };
     if let Err(error) = result {
         // A missed set is written by the next refresh; a missed remove expires.

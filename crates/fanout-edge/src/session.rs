@@ -585,9 +585,13 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
-        match self.channels.remove_entry(name) {
+        let removed = self.channels.remove_entry(name);
+        if let Some((channel, ())) = &removed {
+            // Also when the hub ended the subscription already (a finished job).
+            self.shared.presence.leave(channel, &self.client);
+        }
+        match removed {
             Some((channel, ())) if self.shared.hub.remove(&channel, self.id) => {
-                self.shared.presence.leave(&channel, &self.client);
                 // Nothing of it may follow the `unsubscribed` reply.
                 self.outbox.forget(&channel);
                 self.shared.subscriptions.release(channel);

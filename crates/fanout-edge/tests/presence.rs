@@ -135,7 +135,36 @@ async fn presence_and_join_leave_on_one_node() {
         )
         .await;
         assert_eq!(status, 401, "admin token required");
+
+        // Quick subscribe/unsubscribe cycles leave nothing behind (writes stay in order).
+        let mut d = connect(&node, &token("4", &["chat:*"])).await;
+        for i in 0..20u64 {
+            d.send(json!({"type":"subscribe","id":i * 2,"channel":"chat:x"}))
+                .await;
+            d.send(json!({"type":"unsubscribe","id":i * 2 + 1,"channel":"chat:x"}))
+                .await;
+        }
+        // Presence is written asynchronously (in order): it settles on user 1 alone
+        // once the 40 writes are through.
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        eventually("presence settles after quick cycles", || async {
+            let (_, body) = api_presence(node.local_addr(), "?channel=chat:x").await;
+            users(&body["clients"]) == ["1"]
+        })
+        .await;
+        for _ in 0..10 {
+            let (_, body) = api_presence(node.local_addr(), "?channel=chat:x").await;
+            assert_eq!(users(&body["clients"]), ["1"], "{name}: stays settled");
+        }
+
+        // Shutting down writes the closed connections' leaves before letting Redis go.
         node.shutdown().await;
+        if let Backend::Redis(redis) = &backend {
+            assert_eq!(
+                redis.cli(&["HLEN", "fanout:{chat:x}:presence"]).unwrap(),
+                "0"
+            );
+        }
     }
 }
 

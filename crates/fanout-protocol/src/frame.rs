@@ -121,7 +121,7 @@ pub enum ServerFrame<'a> {
         channel: &'a str,
         info: &'a RawValue,
     },
-    /// A client left such a channel (unsubscribed, disconnected, or its node died).
+    /// A client left such a channel (unsubscribed or disconnected).
     Leave {
         channel: &'a str,
         info: &'a RawValue,
