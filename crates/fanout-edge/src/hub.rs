@@ -647,12 +647,13 @@ impl Hub {
         }
         let mut encoded = Encoded::new(channel, env);
         let offset = env.offset.unwrap_or(u64::MAX);
+        let notice = env.notice.is_some();
         for sub in &st.live {
             if offset <= sub.skip_to {
                 continue;
             }
             // A join/leave notice never replaces (nor is replaced by) a message.
-            let queued = if env.notice.is_some() {
+            let queued = if notice {
                 sub.notice(&st.name, encoded.frame(sub.codec))
             } else {
                 sub.message(&st.name, encoded.frame(sub.codec), replay)

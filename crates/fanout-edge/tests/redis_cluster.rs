@@ -70,6 +70,10 @@ async fn sharded_pubsub_survives_failover_and_slot_moves_without_loss() {
         }
         clients.push(c);
     }
+    // Connecting to three primaries is not a reconnect.
+    for edge in &edges {
+        assert_eq!(metric(edge, "fanout_broker_reconnects_total").await, 0.0);
+    }
     // Each channel's subscription lives on its own shard.
     for (channel, port) in &channels {
         let out = cluster

@@ -250,8 +250,15 @@ impl RedisBroker {
                 }
             }
         });
+        // The connections made by `init` (one per primary in a cluster) are not
+        // reconnects: their events are dropped here; if none was queued yet, the first
+        // one to come is the initial connection.
+        let mut initial = 0;
+        while reconnects.try_recv().is_ok() {
+            initial += 1;
+        }
         let events = tokio::spawn(async move {
-            let mut first = true;
+            let mut first = initial == 0;
             loop {
                 tokio::select! {
                     event = reconnects.recv() => match event {
