@@ -1,18 +1,32 @@
-//! `fanout-loadtest`: runs a named scenario against any fanout URL and prints loss,
-//! latency percentiles (publish → receive) and throughput, as a table and as JSON.
-//! Every run is bounded in time and count, and targets the URL given (use loopback).
+//! `fanout-loadtest`: runs a named scenario against a fanout edge — one node, the local
+//! cluster behind haproxy, or any `ws://` URL — and prints a table and JSON: loss,
+//! latency percentiles (publish → receive, HDR histogram), throughput, and the server's
+//! RSS and CPU when given its PIDs. `--plot` writes the latency distribution as SVG.
 //!
-//! Scenario `broadcast`: C clients subscribe to one channel; messages numbered 0..N are
-//! published at a fixed rate (through Redis with `--redis-url`, else through
-//! `/api/publish`); each client checks it got every number once, in order.
+//! Scenarios:
+//! - `broadcast`: C clients on one channel, numbered messages at a fixed rate.
+//! - `per-user`: client i on `user:lt<i>`, messages to random users at a fixed rate.
+//! - `job-progress`: J jobs with W watchers each; every job publishes progress every
+//!   100 ms, then a terminal event that ends its subscriptions.
+//! - `churn`: connect → authenticate → subscribe → close, at a fixed rate.
+//! - `idle`: C connected, authenticated, subscribed clients held for a while: connect
+//!   time and server memory per connection.
+//!
+//! Every run is bounded: durations are capped, every wait has a deadline, and the whole
+//! run has a hard time limit. Tokens are minted here (HS256, `--jwt-secret`). Clients
+//! connect from 127.0.0.2–127.0.0.9 when the target is on loopback, so that 10k+
+//! sockets do not exhaust one address's source ports.
 
-mod clients;
+mod client;
+mod publish;
 mod report;
+mod scenario;
 
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "fanout-loadtest", version, about)]
@@ -23,101 +37,225 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// C clients on one channel, messages at a fixed rate.
-    Broadcast(Common),
+    /// C clients on one channel; numbered messages at --rate per second.
+    Broadcast {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishOpts,
+        /// Channel every client subscribes to (its namespace goes into the tokens'
+        /// `channels` claim).
+        #[arg(long, default_value = "loadtest:broadcast")]
+        channel: String,
+    },
+    /// Client i on `user:lt<i>`; --rate messages per second in all, each to a random user.
+    PerUser {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishOpts,
+    },
+    /// --clients / --watchers jobs on `job_progress:lt<j>`, each publishing progress
+    /// every --interval-ms for --duration seconds, then `status: succeeded`.
+    JobProgress {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishOpts,
+        /// Watchers per job.
+        #[arg(long, default_value_t = 3)]
+        watchers: usize,
+        /// Milliseconds between a job's progress events.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Connect → authenticate → subscribe → close cycles at --rate per second for
+    /// --duration seconds, at most --clients in flight.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Cycles started per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Subscribe every cycle to this one channel instead of its own `user:` channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
+    /// C clients connected, authenticated and subscribed (each on its own `user:`
+    /// channel, or all on --channel), held for --duration seconds.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Subscribe every client to this one channel instead of its own `user:` channel.
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
-#[derive(clap::Args, Clone)]
+#[derive(Args, Clone)]
 pub struct Common {
-    /// WebSocket URL of the edge (or the load balancer).
+    /// WebSocket URL of an edge or of the load balancer in front of the edges.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub url: String,
     /// HS256 secret the edge verifies (tokens are minted here).
-    #[arg(long, env = "FANOUT_JWT_SECRET")]
+    #[arg(long, env = "FANOUT_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
-    /// Publish through Redis with the publisher crate (what workers do).
+    /// Clients (for churn: the most cycles in flight).
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// Seconds of load (publishing, churning or holding idle), at most 300.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// PID of an edge whose RSS and CPU to report; repeat for a cluster (summed).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 512)]
+    pub connect_concurrency: usize,
+    /// Source addresses 127.0.0.2 … 127.0.0.(1+N) for loopback targets (1–8).
+    #[arg(long, default_value_t = 8)]
+    pub sources: u8,
+    /// Seconds to wait for the last messages once publishing ended.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the latency distribution here (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct PublishOpts {
+    /// Publish through Redis with the publisher crate, as job workers do.
     #[arg(long)]
     pub redis_url: Option<String>,
-    /// Or publish through the server API of this base URL (http://host:port) …
+    /// Or through `POST /api/publish` of this base URL (http://host:port) …
     #[arg(long)]
     pub api: Option<String>,
     /// … with this admin token.
-    #[arg(long, env = "FANOUT_ADMIN_TOKEN")]
+    #[arg(long, env = "FANOUT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Clients.
-    #[arg(long, default_value_t = 100)]
-    pub clients: usize,
-    /// Messages per second.
+    /// Messages per second (broadcast, per-user).
     #[arg(long, default_value_t = 100)]
     pub rate: u32,
-    /// Seconds of publishing (at most 300).
-    #[arg(long, default_value_t = 10)]
-    pub duration: u64,
-    /// Bytes of padding per message.
+    /// Bytes of padding in every message.
     #[arg(long, default_value_t = 0)]
     pub payload: usize,
-    /// Channel to use (its namespace goes into the tokens' `channels` claim).
-    #[arg(long, default_value = "loadtest:broadcast")]
-    pub channel: String,
-    /// PID of the edge, to report its RSS and CPU.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
-    /// Connections opened at once while connecting.
-    #[arg(long, default_value_t = 256)]
-    pub connect_concurrency: usize,
-    /// Write the JSON report here too.
-    #[arg(long)]
-    pub json: Option<std::path::PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The most clients or cycles in flight one run may open.
+const MAX_CLIENTS: usize = 60_000;
+
+impl Common {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.duration == 0 || self.duration > 300 {
+            bail!("--duration must be 1..=300 seconds");
+        }
+        if self.clients == 0 || self.clients > MAX_CLIENTS {
+            bail!("--clients must be 1..={MAX_CLIENTS}");
+        }
+        if !(1..=8).contains(&self.sources) {
+            bail!("--sources must be 1..=8");
+        }
+        if self.grace > 120 {
+            bail!("--grace must be at most 120 seconds");
+        }
+        Ok(())
+    }
+
+    /// The hard limit of the whole run: connecting, the load, the grace period, and
+    /// slack for reporting.
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(self.duration + self.grace + 180)
+    }
+}
+
+impl PublishOpts {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.redis_url.is_none() && (self.api.is_none() || self.admin_token.is_none()) {
+            bail!("give --redis-url, or --api with --admin-token, to publish");
+        }
+        if self.rate == 0 || self.rate > 1_000_000 {
+            bail!("--rate must be 1..=1000000");
+        }
+        if self.payload > 1 << 20 {
+            bail!("--payload must be at most 1 MiB");
+        }
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // 10k+ sockets need more than the default soft limit of open files.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let cli = Cli::parse();
-    match cli.scenario {
-        Scenario::Broadcast(c) => broadcast(c).await,
-    }
-}
-
-async fn broadcast(c: Common) -> anyhow::Result<()> {
-    if c.duration == 0 || c.duration > 300 {
-        bail!("--duration must be 1..=300 seconds");
-    }
-    if c.redis_url.is_none() && (c.api.is_none() || c.admin_token.is_none()) {
-        bail!("give --redis-url, or --api with --admin-token, to publish");
-    }
-    let cpu_before = c.server_pid.and_then(report::cpu_seconds);
-    let started = Instant::now();
-    let mut fleet = clients::Fleet::connect(&c)
-        .await
-        .context("connecting clients")?;
-    let connect_time = started.elapsed();
-    eprintln!(
-        "{} clients connected and subscribed in {:.2?}",
-        c.clients, connect_time
-    );
-    let rss_connected = c.server_pid.and_then(report::rss_bytes);
-
-    let total = c.rate as u64 * c.duration;
-    let publish_started = Instant::now();
-    let published = clients::publish(&c, total).await?;
-    let publish_time = publish_started.elapsed();
-    // Bounded wait for stragglers.
-    let results = fleet.finish(published, Duration::from_secs(10)).await;
-    let cpu_after = c.server_pid.and_then(report::cpu_seconds);
-    let report = report::Report::build(
-        "broadcast",
-        &c,
-        connect_time,
-        publish_time,
-        published,
-        results,
-        rss_connected,
-        cpu_before.zip(cpu_after).map(|(a, b)| b - a),
-    );
-    report.print();
-    if let Some(path) = &c.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report.json())?)?;
-    }
-    Ok(())
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let (common, run) = match cli.scenario {
+            Scenario::Broadcast {
+                common,
+                publish,
+                channel,
+            } => {
+                publish.check()?;
+                let run = scenario::broadcast(common.clone(), publish, channel);
+                (common, Box::pin(run) as scenario::Run)
+            }
+            Scenario::PerUser { common, publish } => {
+                publish.check()?;
+                let run = scenario::per_user(common.clone(), publish);
+                (common, Box::pin(run) as scenario::Run)
+            }
+            Scenario::JobProgress {
+                common,
+                publish,
+                watchers,
+                interval_ms,
+            } => {
+                publish.check()?;
+                if watchers == 0 || watchers > common.clients {
+                    bail!("--watchers must be 1..=--clients");
+                }
+                if !(10..=60_000).contains(&interval_ms) {
+                    bail!("--interval-ms must be 10..=60000");
+                }
+                let run = scenario::job_progress(common.clone(), publish, watchers, interval_ms);
+                (common, Box::pin(run) as scenario::Run)
+            }
+            Scenario::Churn {
+                common,
+                rate,
+                channel,
+            } => {
+                if rate == 0 || rate > 100_000 {
+                    bail!("--rate must be 1..=100000 cycles per second");
+                }
+                let run = scenario::churn(common.clone(), rate, channel);
+                (common, Box::pin(run) as scenario::Run)
+            }
+            Scenario::Idle { common, channel } => {
+                let run = scenario::idle(common.clone(), channel);
+                (common, Box::pin(run) as scenario::Run)
+            }
+        };
+        common.check()?;
+        let limit = common.deadline();
+        let report = match tokio::time::timeout(limit, run).await {
+            Ok(report) => report?,
+            Err(_) => bail!("the run passed its hard limit of {limit:?}"),
+        };
+        report.print();
+        if let Some(path) = &common.json {
+            std::fs::write(path, serde_json::to_string_pretty(report.json())?)?;
+        }
+        if let Some(path) = &common.plot {
+            report.plot(path)?;
+            eprintln!("latency plot written to {}", path.display());
+        }
+        Ok(())
+    })
 }

@@ -1,19 +1,18 @@
-//! The report: a table for people, JSON for machines; server RSS and CPU from /proc.
+//! The report: a table for people, JSON for machines, an SVG plot of the latency
+//! distribution; the server's RSS and CPU (and the load generator's own CPU) from /proc.
 
+use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use hdrhistogram::Histogram;
-use serde_json::json;
+use plotters::prelude::*;
+use serde_json::{json, Value};
 
-use crate::clients::ClientResult;
 use crate::Common;
 
-pub struct Report {
-    json: serde_json::Value,
-}
-
 /// Resident set size of `pid`, bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status
         .lines()
@@ -25,116 +24,278 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// User + system CPU seconds used by `pid` so far.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// User + system CPU seconds used so far by `pid` (`None`: this process).
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_string(),
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Clock ticks: 100 per second on Linux.
     Some((utime + stime) / 100.0)
 }
 
-impl Report {
-    #[allow(clippy::too_many_arguments)]
-    pub fn build(
-        scenario: &str,
-        c: &Common,
-        connect_time: Duration,
-        publish_time: Duration,
-        published: u64,
-        results: Vec<ClientResult>,
-        rss_connected: Option<u64>,
-        server_cpu: Option<f64>,
-    ) -> Report {
-        let mut all = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-        let mut received = 0u64;
-        let mut reordered = 0u64;
-        let mut failed_clients = 0u64;
-        for r in &results {
-            all.add(&r.latency_us).expect("same bounds");
-            received += r.received;
-            reordered += r.duplicates_or_reordered;
-            if r.received < published {
-                failed_clients += 1;
-            }
-        }
-        let expected = published * results.len() as u64;
-        let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
-        let json = json!({
-            "scenario": scenario,
-            "url": c.url,
-            "clients": c.clients,
-            "rate_per_second": c.rate,
-            "duration_seconds": c.duration,
-            "payload_bytes": c.payload,
-            "connect_seconds": connect_time.as_secs_f64(),
-            "publish_seconds": publish_time.as_secs_f64(),
-            "published": published,
-            "expected_deliveries": expected,
-            "delivered": received,
-            "lost": expected.saturating_sub(received),
-            "duplicates_or_reordered": reordered,
-            "clients_short": failed_clients,
-            "deliveries_per_second": received as f64 / publish_time.as_secs_f64().max(1e-9),
-            "latency_ms": {
-                "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": all.max() as f64 / 1000.0,
-            },
-            "server_rss_bytes_connected": rss_connected,
-            "server_rss_bytes_per_connection": rss_connected.map(|r| r / c.clients.max(1) as u64),
-            "server_cpu_seconds": server_cpu,
-        });
-        Report { json }
+/// Server (summed over `--server-pid`s) and load-generator readings at the start,
+/// once connected, and at the end.
+pub struct Sample {
+    pids: Vec<u32>,
+    readings: [Option<Reading>; 3],
+}
+
+#[derive(Clone, Copy)]
+struct Reading {
+    rss: Option<u64>,
+    cpu: Option<f64>,
+    own_cpu: Option<f64>,
+}
+
+impl Sample {
+    pub fn start(pids: &[u32]) -> Sample {
+        let mut s = Sample {
+            pids: pids.to_vec(),
+            readings: [None; 3],
+        };
+        s.readings[0] = Some(s.read());
+        s
     }
 
-    pub fn json(&self) -> &serde_json::Value {
+    fn read(&self) -> Reading {
+        let sum_u = |f: &dyn Fn(u32) -> Option<u64>| -> Option<u64> {
+            (!self.pids.is_empty())
+                .then(|| self.pids.iter().map(|&p| f(p)).sum::<Option<u64>>())
+                .flatten()
+        };
+        let cpu = (!self.pids.is_empty())
+            .then(|| {
+                self.pids
+                    .iter()
+                    .map(|&p| cpu_seconds(Some(p)))
+                    .sum::<Option<f64>>()
+            })
+            .flatten();
+        Reading {
+            rss: sum_u(&rss_bytes),
+            cpu,
+            own_cpu: cpu_seconds(None),
+        }
+    }
+
+    pub fn connected(&mut self) {
+        self.readings[1] = Some(self.read());
+    }
+
+    pub fn finished(&mut self) {
+        self.readings[2] = Some(self.read());
+    }
+
+    fn json(&self, clients: usize) -> Value {
+        let [start, connected, end] = self.readings;
+        let get = |r: Option<Reading>, f: fn(&Reading) -> Option<f64>| r.as_ref().and_then(f);
+        let rss = |r: &Reading| r.rss.map(|b| b as f64);
+        let cpu = |r: &Reading| r.cpu;
+        let own = |r: &Reading| r.own_cpu;
+        let delta = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+        let rss_start = get(start, rss);
+        let rss_connected = get(connected, rss);
+        json!({
+            "server_pids": self.pids,
+            "server_rss_bytes_start": rss_start,
+            "server_rss_bytes_connected": rss_connected,
+            "server_rss_bytes_end": get(end, rss),
+            // What connecting cost, not what the process held before.
+            "server_rss_bytes_per_connection": delta(rss_start, rss_connected)
+                .map(|d| (d / clients.max(1) as f64).round()),
+            "server_cpu_seconds_connecting": delta(get(start, cpu), get(connected, cpu)),
+            "server_cpu_seconds_load": delta(get(connected, cpu), get(end, cpu)),
+            "loadgen_cpu_seconds_load": delta(get(connected, own), get(end, own)),
+        })
+    }
+}
+
+pub struct Report {
+    json: Value,
+    latency: Option<Histogram<u64>>,
+}
+
+impl Report {
+    pub fn new(
+        scenario: &str,
+        common: &Common,
+        connect_time: Duration,
+        mut fields: Value,
+        sample: &Sample,
+        latency: Option<Histogram<u64>>,
+        load_time: Duration,
+    ) -> Report {
+        let mut j = json!({
+            "scenario": scenario,
+            "url": common.url,
+            "clients": common.clients,
+            "duration_seconds": common.duration,
+            "connect_seconds": connect_time.as_secs_f64(),
+            "load_seconds": load_time.as_secs_f64(),
+        });
+        if let Some(h) = &latency {
+            let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+            j["latency_ms"] = json!({
+                "count": h.len(),
+                "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
+                "max": h.max() as f64 / 1000.0,
+            });
+            if !h.is_empty() && !load_time.is_zero() {
+                j["deliveries_per_second"] =
+                    json!((h.len() as f64 / load_time.as_secs_f64()).round());
+            }
+        }
+        let (Value::Object(a), Value::Object(b), Value::Object(c)) =
+            (&mut j, fields.take(), sample.json(common.clients))
+        else {
+            unreachable!("objects")
+        };
+        a.extend(b);
+        a.extend(c);
+        Report { json: j, latency }
+    }
+
+    pub fn json(&self) -> &Value {
         &self.json
     }
 
+    /// The table, then the JSON on one line.
     pub fn print(&self) {
         let j = &self.json;
-        println!(
-            "scenario            {}",
-            j["scenario"].as_str().unwrap_or("")
-        );
-        println!("clients             {}", j["clients"]);
-        println!(
-            "connect (all)       {:.3} s",
-            j["connect_seconds"].as_f64().unwrap_or(0.0)
-        );
-        println!(
-            "published           {} at {}/s",
-            j["published"], j["rate_per_second"]
-        );
-        println!(
-            "delivered/expected  {}/{}",
-            j["delivered"], j["expected_deliveries"]
-        );
-        println!("lost                {}", j["lost"]);
-        println!("dup/reordered       {}", j["duplicates_or_reordered"]);
-        println!(
-            "deliveries/s        {:.0}",
-            j["deliveries_per_second"].as_f64().unwrap_or(0.0)
-        );
-        let l = &j["latency_ms"];
-        println!(
-            "latency ms          p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
-            l["p50"].as_f64().unwrap_or(0.0),
-            l["p90"].as_f64().unwrap_or(0.0),
-            l["p99"].as_f64().unwrap_or(0.0),
-            l["p999"].as_f64().unwrap_or(0.0),
-            l["max"].as_f64().unwrap_or(0.0)
-        );
-        if let Some(rss) = j["server_rss_bytes_connected"].as_u64() {
-            println!(
-                "server RSS          {:.1} MiB ({} B per connection)",
-                rss as f64 / 1048576.0,
-                j["server_rss_bytes_per_connection"]
+        let row = |label: &str, value: String| println!("{label:<28}{value}");
+        let num = |k: &str| j.get(k).filter(|v| !v.is_null()).map(|v| v.to_string());
+        for (label, key) in [
+            ("scenario", "scenario"),
+            ("url", "url"),
+            ("clients", "clients"),
+            ("jobs", "jobs"),
+            ("rate (per second)", "rate_per_second"),
+            ("published", "published"),
+            ("publish errors", "publish_errors"),
+            ("delivered", "delivered"),
+            ("expected", "expected_deliveries"),
+            ("lost", "lost"),
+            ("extra (duplicates)", "extra"),
+            ("out of order", "out_of_order"),
+            ("clients short", "clients_short"),
+            ("jobs completed (subs)", "subscriptions_completed"),
+            ("cycles ok", "cycles_ok"),
+            ("cycles failed", "cycles_failed"),
+            ("still connected at end", "still_connected_at_end"),
+        ] {
+            if let Some(v) = num(key) {
+                row(label, v.trim_matches('"').to_string());
+            }
+        }
+        let secs = |k: &str| j.get(k).and_then(Value::as_f64);
+        if let Some(s) = secs("connect_seconds").filter(|s| *s > 0.0) {
+            row("connect + subscribe (all)", format!("{s:.3} s"));
+        }
+        if let Some(s) = secs("publish_seconds") {
+            row("publishing took", format!("{s:.2} s"));
+        }
+        if let Some(r) = secs("deliveries_per_second") {
+            row("received per second", format!("{r:.0}"));
+        }
+        if let Some(r) = secs("cycles_per_second") {
+            row("cycles per second", format!("{r:.0}"));
+        }
+        if let Some(l) = j.get("latency_ms") {
+            let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
+            row(
+                "latency (ms)",
+                format!(
+                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                    f("p50"),
+                    f("p90"),
+                    f("p99"),
+                    f("p999"),
+                    f("max")
+                ),
             );
         }
-        if let Some(cpu) = j["server_cpu_seconds"].as_f64() {
-            println!("server CPU          {cpu:.2} s");
+        if let Some(rss) = secs("server_rss_bytes_connected") {
+            let per = secs("server_rss_bytes_per_connection").unwrap_or(0.0);
+            row(
+                "server RSS connected",
+                format!(
+                    "{:.1} MiB ({per:.0} B per connection over the start)",
+                    rss / 1048576.0
+                ),
+            );
+        }
+        if let Some(rss) = secs("server_rss_bytes_end") {
+            row(
+                "server RSS at the end",
+                format!("{:.1} MiB", rss / 1048576.0),
+            );
+        }
+        if let Some(c) = secs("server_cpu_seconds_connecting") {
+            row("server CPU connecting", format!("{c:.2} s"));
+        }
+        if let Some(c) = secs("server_cpu_seconds_load") {
+            row("server CPU under load", format!("{c:.2} s"));
+        }
+        if let Some(c) = secs("loadgen_cpu_seconds_load") {
+            row("load generator CPU (load)", format!("{c:.2} s"));
+        }
+        if let Some(errors) = j.get("client_errors").and_then(Value::as_array) {
+            for e in errors.iter().take(3) {
+                row("client error", e.to_string());
+            }
         }
         println!("{}", serde_json::to_string(j).unwrap_or_default());
+    }
+
+    /// The latency distribution as an SVG: latency against percentile, on the usual
+    /// "nines" axis (50 %, 90 %, 99 %, 99.9 %, …).
+    pub fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        let h = self
+            .latency
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .context("this run recorded no latencies to plot")?;
+        // x = number of nines: q = 1 - 10^-x.
+        let top = ((h.len() as f64).log10()).clamp(1.0, 5.0);
+        let points: Vec<(f64, f64)> = (0..=(top * 20.0) as usize)
+            .map(|k| {
+                let x = k as f64 / 20.0;
+                let q = 1.0 - 10f64.powf(-x);
+                (x, h.value_at_quantile(q) as f64 / 1000.0)
+            })
+            .collect();
+        let y_max = (h.max() as f64 / 1000.0 * 1.1).max(0.01);
+        let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let title = format!(
+            "fanout-loadtest {} — {} clients — latency publish → receive",
+            self.json["scenario"].as_str().unwrap_or(""),
+            self.json["clients"]
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..top, 0f64..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc("percentile")
+            .y_desc("latency (ms)")
+            .x_labels(top as usize + 1)
+            .x_label_formatter(&|x| {
+                let p = format!("{:.3}", 100.0 * (1.0 - 10f64.powf(-x)));
+                format!("{}%", p.trim_end_matches('0').trim_end_matches('.'))
+            })
+            .draw()?;
+        chart.draw_series(LineSeries::new(points, BLUE.stroke_width(2)))?;
+        root.present()?;
+        Ok(())
     }
 }

@@ -1,49 +1,50 @@
-//! Runs the real `fanout-loadtest` binary, briefly, against an edge on a real Redis:
-//! the tool keeps working, and at this small scale nothing is lost or reordered.
+//! Runs the real `fanout-loadtest` binary, briefly, in every scenario against an edge
+//! on a real Redis: the tool works end to end, counts what it should, and at this small
+//! scale nothing is lost, repeated or reordered.
 
 use clap::Parser;
 use fanout_edge::{Args, Node, Settings};
 use fanout_testkit::RedisServer;
+use serde_json::Value;
 
 const SECRET: &str = "loadtest-smoke-secret-0123456789";
+const ADMIN: &str = "loadtest-smoke-admin-0123456789";
 
-#[tokio::test]
-async fn broadcast_scenario_reports_zero_loss() {
-    let redis = RedisServer::start().unwrap();
-    let args = [
-        "fanout-edge",
-        "--listen",
-        "127.0.0.1:0",
-        "--redis-url",
-        &redis.url(),
-        "--jwt-secret",
-        SECRET,
+async fn edge(redis: Option<&RedisServer>) -> Node {
+    let mut args = vec![
+        "fanout-edge".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--jwt-secret".into(),
+        SECRET.into(),
+        "--admin-token".into(),
+        ADMIN.into(),
     ];
-    let node = Node::start(Settings::from_args(Args::try_parse_from(args).unwrap()).unwrap())
+    if let Some(r) = redis {
+        args.extend(["--redis-url".into(), r.url()]);
+    }
+    Node::start(Settings::from_args(Args::try_parse_from(args).unwrap()).unwrap())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs a scenario with `args` and returns its JSON report.
+async fn run(node: &Node, args: &[&str]) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
+    let plot = dir.path().join("latency.svg");
+    let pid = std::process::id().to_string();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fanout-loadtest"))
-        .args([
-            "broadcast",
-            "--url",
-            &node.ws_url(),
-            "--jwt-secret",
-            SECRET,
-            "--redis-url",
-            &redis.url(),
-        ])
-        .args([
-            "--clients",
-            "50",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-            "--json",
-        ])
+        .args(&args[..1])
+        .args(["--url", &node.ws_url(), "--jwt-secret", SECRET])
+        .args(["--server-pid", &pid, "--json"])
         .arg(&report)
+        .args(&args[1..])
+        .args(if args[0] == "idle" || args[0] == "churn" {
+            vec![]
+        } else {
+            vec!["--plot".to_string(), plot.display().to_string()]
+        })
         .output()
         .await
         .unwrap();
@@ -52,13 +53,211 @@ async fn broadcast_scenario_reports_zero_loss() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    if args[0] != "idle" && args[0] != "churn" {
+        let svg = std::fs::read_to_string(&plot).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("percentile"),
+            "{svg:.200}"
+        );
+    }
+    assert!(
+        r["server_rss_bytes_connected"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    r
+}
+
+fn assert_no_loss(r: &Value, expected: u64) {
+    assert_eq!(r["expected_deliveries"], expected, "{r}");
+    assert_eq!(r["delivered"], expected, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+    assert_eq!(r["extra"], 0, "{r}");
+    assert_eq!(r["out_of_order"], 0, "{r}");
+    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["latency_ms"]["count"], expected, "{r}");
+}
+
+#[tokio::test]
+async fn broadcast_through_redis_and_through_the_api() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(Some(&redis)).await;
+    let r = run(
+        &node,
+        &[
+            "broadcast",
+            "--redis-url",
+            &redis.url(),
+            "--clients",
+            "50",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
     assert_eq!(r["published"], 100);
-    assert_eq!(r["expected_deliveries"], 5000);
-    assert_eq!(r["delivered"], 5000, "{r}");
-    assert_eq!(r["lost"], 0);
-    assert_eq!(r["duplicates_or_reordered"], 0);
-    assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert_no_loss(&r, 5000);
+
+    let api = format!("http://{}", node.local_addr());
+    let r = run(
+        &node,
+        &[
+            "broadcast",
+            "--api",
+            &api,
+            "--admin-token",
+            ADMIN,
+            "--clients",
+            "20",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(r["published"], 50);
+    assert_no_loss(&r, 1000);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn per_user_delivers_each_message_to_its_user_only() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(Some(&redis)).await;
+    let r = run(
+        &node,
+        &[
+            "per-user",
+            "--redis-url",
+            &redis.url(),
+            "--clients",
+            "100",
+            "--rate",
+            "300",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(r["published"], 300);
+    // One delivery per message: each goes to exactly one user.
+    assert_no_loss(&r, 300);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn job_progress_ends_every_watchers_subscription() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(Some(&redis)).await;
+    let r = run(
+        &node,
+        &[
+            "job-progress",
+            "--redis-url",
+            &redis.url(),
+            "--clients",
+            "30",
+            "--watchers",
+            "3",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    // 10 jobs × (10 progress events + 1 terminal), to 3 watchers each.
+    assert_eq!(r["jobs"], 10);
+    assert_eq!(r["published"], 110);
+    assert_no_loss(&r, 330);
+    assert_eq!(r["subscriptions_completed"], 30, "{r}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn churn_and_idle_on_the_embedded_broker() {
+    let node = edge(None).await;
+    let r = run(
+        &node,
+        &[
+            "churn",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--clients",
+            "50",
+        ],
+    )
+    .await;
+    assert_eq!(r["cycles_failed"], 0, "{r}");
+    let ok = r["cycles_ok"].as_u64().unwrap();
+    assert!((90..=101).contains(&ok), "{r}");
+    assert_eq!(r["latency_ms"]["count"], ok, "{r}");
+
+    let r = run(&node, &["idle", "--clients", "200", "--duration", "1"]).await;
+    assert_eq!(r["still_connected_at_end"], 200, "{r}");
+    assert_eq!(r["dropped_while_idle"], 0, "{r}");
+    assert!(r["server_rss_bytes_per_connection"].is_number(), "{r}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_with_a_clear_error() {
+    let bin = env!("CARGO_BIN_EXE_fanout-loadtest");
+    for (args, needle) in [
+        (
+            &[
+                "broadcast",
+                "--jwt-secret",
+                "s",
+                "--duration",
+                "0",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+            ][..],
+            "--duration must be",
+        ),
+        (&["broadcast", "--jwt-secret", "s"][..], "give --redis-url"),
+        (
+            &["idle", "--jwt-secret", "s", "--clients", "70000"][..],
+            "--clients must be",
+        ),
+        (
+            &["idle", "--jwt-secret", "s", "--url", "http://x:1/ws"][..],
+            "--url must be ws://",
+        ),
+    ] {
+        let out = tokio::process::Command::new(bin)
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // A token the edge refuses: the run fails, saying why.
+    let node = edge(None).await;
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "idle",
+            "--url",
+            &node.ws_url(),
+            "--jwt-secret",
+            "not-the-secret-0123456789",
+            "--clients",
+            "3",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 of 3 clients could not connect"), "{err}");
+    assert!(err.contains("4001"), "{err}");
     node.shutdown().await;
 }
