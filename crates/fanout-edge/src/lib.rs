@@ -35,6 +35,7 @@ pub mod recovery;
 pub mod rules;
 mod session;
 pub mod subscriptions;
+mod wire;
 
 pub use config::{Args, ConfigError, Settings};
 pub use node::{Node, NodeError};

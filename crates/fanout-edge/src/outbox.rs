@@ -44,7 +44,23 @@ pub struct QueueLimits {
 /// A queued frame, and which budget it counts against.
 struct Item {
     frame: Bytes,
-    replay: bool,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Live,
+    Replay,
+    /// The payload of a pong answering the client's ping: outside both budgets (pings
+    /// are rate-limited as client frames).
+    Pong,
+}
+
+/// What the writer sends next.
+pub struct Outgoing {
+    pub frame: Bytes,
+    /// A pong control frame, not a data frame.
+    pub pong: bool,
 }
 
 /// The frames of one conflating channel waiting beside the queue. Only a last frame
@@ -145,7 +161,8 @@ impl Outbox {
         messages.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
-        if self.tx.send(Item { frame, replay }).is_err() {
+        let kind = if replay { Kind::Replay } else { Kind::Live };
+        if self.tx.send(Item { frame, kind }).is_err() {
             messages.fetch_sub(1, Ordering::Relaxed);
             bytes.fetch_sub(len, Ordering::Relaxed);
             QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
@@ -240,6 +257,16 @@ impl Outbox {
         }
     }
 
+    /// Queues a pong with the client's ping payload (at most 125 bytes).
+    pub fn push_pong(&self, payload: Bytes) {
+        if !self.state.slow.load(Ordering::Relaxed) {
+            let _ = self.tx.send(Item {
+                frame: payload,
+                kind: Kind::Pong,
+            });
+        }
+    }
+
     /// Queues a frame the node replays (recovery, gap repair): on top of the live
     /// bound, within the replay budget. Past the budget the connection is closed
     /// with 4009 (it recovers by reconnecting with `since`).
@@ -288,18 +315,26 @@ impl Outbox {
 }
 
 impl Inbox {
-    fn taken(&self, item: Item) -> Bytes {
+    fn taken(&self, item: Item) -> Outgoing {
         let s = &self.state;
         let len = item.frame.len();
-        let (messages, bytes) = if item.replay {
-            (&s.replay_messages, &s.replay_bytes)
-        } else {
-            (&s.live_messages, &s.live_bytes)
+        let (messages, bytes) = match item.kind {
+            Kind::Replay => (&s.replay_messages, &s.replay_bytes),
+            Kind::Live => (&s.live_messages, &s.live_bytes),
+            Kind::Pong => {
+                return Outgoing {
+                    frame: item.frame,
+                    pong: true,
+                }
+            }
         };
         messages.fetch_sub(1, Ordering::Relaxed);
         bytes.fetch_sub(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
-        item.frame
+        Outgoing {
+            frame: item.frame,
+            pong: false,
+        }
     }
 
     /// The frames of the oldest conflation slot, once the queue has drained.
@@ -320,20 +355,27 @@ impl Inbox {
 
     /// The next frame without waiting: a slot being written first, then the queue,
     /// then the conflation slots.
-    pub fn try_recv(&mut self) -> Option<Bytes> {
+    pub fn try_next(&mut self) -> Option<Outgoing> {
+        let data = |frame| Outgoing { frame, pong: false };
         if let Some(frame) = self.current.pop_front() {
-            return Some(frame);
+            return Some(data(frame));
         }
         match self.rx.try_recv() {
             Ok(item) => Some(self.taken(item)),
-            Err(_) => self.take_pending(),
+            Err(_) => self.take_pending().map(data),
         }
     }
 
+    /// The next frame without waiting (its bytes).
+    #[cfg(test)]
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.try_next().map(|o| o.frame)
+    }
+
     /// The next frame; `None` once every [`Outbox`] is gone.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    pub async fn next(&mut self) -> Option<Outgoing> {
         loop {
-            if let Some(frame) = self.try_recv() {
+            if let Some(frame) = self.try_next() {
                 return Some(frame);
             }
             tokio::select! {
@@ -478,11 +520,30 @@ mod tests {
         let a: Arc<str> = Arc::from("c:a");
         assert!(o.push_channel(&a, Bytes::from_static(b"1"), true, false));
         assert!(o.push_channel(&a, Bytes::from_static(b"2"), true, false));
-        assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"1"));
-        assert_eq!(i.recv().await.unwrap(), Bytes::from_static(b"2"));
-        let writer = tokio::spawn(async move { i.recv().await });
+        assert_eq!(i.next().await.unwrap().frame, Bytes::from_static(b"1"));
+        assert_eq!(i.next().await.unwrap().frame, Bytes::from_static(b"2"));
+        let writer = tokio::spawn(async move { i.next().await.map(|o| o.frame) });
         tokio::task::yield_now().await;
         assert!(o.push_channel(&a, Bytes::from_static(b"3"), true, false));
         assert_eq!(writer.await.unwrap().unwrap(), Bytes::from_static(b"3"));
+    }
+
+    #[test]
+    fn pongs_are_sent_in_order_outside_the_budgets() {
+        let (o, mut i) = outbox(1, 1 << 20);
+        assert!(o.push(Bytes::from_static(b"m")));
+        o.push_pong(Bytes::from_static(b"ping-1"));
+        o.push_pong(Bytes::from_static(b"ping-2"));
+        assert_eq!(o.queued(), 1, "pongs count against no budget");
+        let m = i.try_next().unwrap();
+        assert!(!m.pong);
+        assert_eq!(m.frame, Bytes::from_static(b"m"));
+        for want in [&b"ping-1"[..], b"ping-2"] {
+            let p = i.try_next().unwrap();
+            assert!(p.pong);
+            assert_eq!(p.frame, want);
+        }
+        assert_eq!(o.control().code(), None);
+        assert_eq!(o.queued(), 0);
     }
 }

@@ -13,12 +13,11 @@ use bytes::Bytes;
 use fanout_protocol::{
     ClientFrame, CloseCode, Codec, DecodedFrame, ErrorCode, FrameId, ServerFrame, Since,
 };
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use fastwebsockets::{OpCode, WebSocketError};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -27,14 +26,15 @@ use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
 use crate::hub::{Control, Join, Joined, SessionId, Subscriber};
 use crate::metrics as m;
 use crate::node::Shared;
-use crate::outbox::{Inbox, Outbox};
+use crate::outbox::{Inbox, Outbox, Outgoing};
 use crate::rules::Grant;
-
-/// Frames written before the writer flushes, at most.
-const BURST: usize = 64;
+use crate::wire::{self, Input, Out, Output};
 
 /// How long a closing connection may take to accept its last frames and the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a connection the node closed may take to close its side.
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// What the HTTP layer learned before the upgrade.
 pub(crate) struct Handshake {
@@ -47,26 +47,24 @@ pub(crate) struct Handshake {
 
 /// Runs a connection to its end.
 pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: Handshake) {
-    let (read, write) = tokio::io::split(io);
-    let (mut reader, writer) = fastwebsockets::after_handshake_split(
-        read,
-        BufWriter::with_capacity(4096, write),
-        Role::Server,
-    );
-    // Control frames are handled here, so that the writer half stays the only writer.
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-    // fastwebsockets refuses frames of `max` bytes or more: allow exactly the limit.
-    reader.set_max_message_size(shared.settings.limits.max_message_size + 1);
+    // Our listener serves plain TCP: take the socket back from hyper, to share it
+    // between the reader and the writer without a lock.
+    let (tcp, pre_read) = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+        Err(_) => {
+            metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
+            tracing::error!("bug: an upgraded connection is not a TCP stream; dropping it");
+            return;
+        }
+    };
+    let (mut input, output) = wire::split(tcp, pre_read, shared.settings.limits.max_message_size);
 
     let id = shared.next_session_id();
     let control = Arc::new(Control::new(shared.shutdown.child_token()));
     let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue(), control.clone());
-    let (pongs_tx, pongs_rx) = mpsc::channel::<Bytes>(4);
     let writer_task = tokio::spawn(write_loop(
-        writer,
+        output,
         outbox_rx,
-        pongs_rx,
         control.clone(),
         shared.shutdown.clone(),
         handshake.codec,
@@ -98,7 +96,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
     }
     // A bug while handling a frame ends this connection (1011) and nothing else; the
     // cleanup below still runs.
-    let read = std::panic::AssertUnwindSafe(session.read_loop(&mut reader, pongs_tx));
+    let read = std::panic::AssertUnwindSafe(session.read_loop(&mut input));
     if futures_util::FutureExt::catch_unwind(read).await.is_err() {
         metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
         tracing::error!(
@@ -115,6 +113,10 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
         .is_err()
     {
         abort.abort();
+    }
+    if control.close_frame().is_some() && !session.client_closed {
+        // The node closed: let the client answer before the socket goes.
+        input.drain(CLOSE_DRAIN).await;
     }
     // Label by known codes only: a client's own close code must not mint new series.
     let code = match control.close_frame().map(|(c, _)| *c) {
@@ -152,11 +154,7 @@ enum Read {
 }
 
 impl Session {
-    async fn read_loop<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut fastwebsockets::WebSocketRead<R>,
-        pongs: mpsc::Sender<Bytes>,
-    ) {
+    async fn read_loop(&mut self, input: &mut Input) {
         let limits = &self.shared.settings.limits;
         let auth_deadline = Instant::now() + limits.auth_timeout();
         // A client silent for two ping intervals (it answers our pings) is gone.
@@ -165,8 +163,6 @@ impl Session {
         let mut fragments: Option<(Vec<u8>, bool)> = None;
         // Skipping the rest of a fragmented message whose earlier piece was refused.
         let mut discarding = false;
-        // Auto-close and auto-pong are off, so the reader never has frames to send.
-        let mut no_send = |_| std::future::ready(Ok::<(), std::io::Error>(()));
         loop {
             let expiry = self.expiry_deadline();
             let authed = self.principal.is_some();
@@ -183,7 +179,7 @@ impl Session {
                     self.control.close(CloseCode::TokenExpired);
                     return;
                 }
-                r = tokio::time::timeout(idle, reader.read_frame(&mut no_send)) => r,
+                r = tokio::time::timeout(idle, input.read_frame()) => r,
             };
             let read = match frame {
                 Err(_) => {
@@ -276,9 +272,7 @@ impl Session {
             };
             match read {
                 Read::Nothing => {}
-                Read::Ping(payload) => {
-                    let _ = pongs.try_send(Bytes::from(payload));
-                }
+                Read::Ping(payload) => self.outbox.push_pong(Bytes::from(payload)),
                 Read::Close(code) => {
                     self.client_closed = true;
                     self.control.close_raw(code, String::new());
@@ -759,10 +753,9 @@ impl Session {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut ws: fastwebsockets::WebSocketWrite<BufWriter<W>>,
+async fn write_loop(
+    mut out: Output,
     mut outbox: Inbox,
-    mut pongs: mpsc::Receiver<Bytes>,
     control: Arc<Control>,
     node_shutdown: CancellationToken,
     codec: Codec,
@@ -770,7 +763,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
-        let result: Result<(), WebSocketError> = tokio::select! {
+        let result: std::io::Result<()> = tokio::select! {
             biased;
             _ = control.cancelled() => {
                 // A connection ended by the node's shutdown says 1001 even if nobody
@@ -785,34 +778,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         // What is already queued (replies, messages) goes out before the
                         // close frame; not for a slow consumer, whose queue is the problem.
                         if code != CloseCode::SlowConsumer.code() {
-                            while let Some(next) = outbox.try_recv() {
-                                ws.write_frame(data_frame(codec, &next)).await?;
+                            while let Some(first) = outbox.try_next() {
+                                write_burst(&mut out, &mut outbox, first, codec).await?;
                             }
                         }
-                        ws.write_frame(Frame::close(code, reason.as_bytes())).await?;
-                        ws.flush().await
+                        let mut payload = code.to_be_bytes().to_vec();
+                        payload.extend_from_slice(reason.as_bytes());
+                        out.send(OpCode::Close, &payload).await?;
+                        out.shutdown_write();
+                        Ok::<(), std::io::Error>(())
                     })
                     .await;
                 }
                 return;
             }
-            Some(payload) = pongs.recv() => {
-                guarded(&control, async {
-                    ws.write_frame(Frame::pong(Payload::Borrowed(&payload))).await?;
-                    ws.flush().await
-                })
-                .await
-            }
-            _ = ping.tick() => {
-                guarded(&control, async {
-                    ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
-                    ws.flush().await
-                })
-                .await
-            }
-            frame = outbox.recv() => {
-                let Some(first) = frame else { return };
-                guarded(&control, write_burst(&mut ws, &mut outbox, first, codec)).await
+            _ = ping.tick() => guarded(&control, out.send(OpCode::Ping, &[])).await,
+            next = outbox.next() => {
+                let Some(first) = next else { return };
+                guarded(&control, write_burst(&mut out, &mut outbox, first, codec)).await
             }
         };
         if result.is_err() {
@@ -827,43 +810,66 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 /// close frame — or the connection is dropped. So the writer can never hang.
 async fn guarded(
     control: &Control,
-    write: impl std::future::Future<Output = Result<(), WebSocketError>>,
-) -> Result<(), WebSocketError> {
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
     tokio::pin!(write);
     tokio::select! {
         r = &mut write => r,
         _ = control.cancelled() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
             Ok(r) => r,
-            Err(_) => Err(WebSocketError::ConnectionClosed),
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         },
     }
 }
 
-/// Writes `first` and whatever else is already queued (up to [`BURST`]), then flushes
-/// once.
-async fn write_burst<W: AsyncWrite + Unpin>(
-    ws: &mut fastwebsockets::WebSocketWrite<BufWriter<W>>,
+/// Writes `first` and whatever else is already queued (up to [`wire::BURST`] frames)
+/// with one `writev`, then waits until the socket has taken it all.
+async fn write_burst(
+    out: &mut Output,
     outbox: &mut Inbox,
-    first: Bytes,
+    first: Outgoing,
     codec: Codec,
-) -> Result<(), WebSocketError> {
-    ws.write_frame(data_frame(codec, &first)).await?;
-    for _ in 1..BURST {
-        match outbox.try_recv() {
-            Some(next) => ws.write_frame(data_frame(codec, &next)).await?,
+) -> std::io::Result<()> {
+    burst_now(out, outbox, first, codec)?;
+    out.flush().await
+}
+
+/// The synchronous part of a burst: the frames are gathered on the stack, so that an
+/// idle connection's task carries none of them.
+fn burst_now(
+    out: &mut Output,
+    outbox: &mut Inbox,
+    first: Outgoing,
+    codec: Codec,
+) -> std::io::Result<()> {
+    let data = if codec.is_binary() {
+        OpCode::Binary
+    } else {
+        OpCode::Text
+    };
+    let mut frames: [Option<Outgoing>; wire::BURST] = [const { None }; wire::BURST];
+    frames[0] = Some(first);
+    let mut n = 1;
+    while n < wire::BURST {
+        match outbox.try_next() {
+            Some(next) => {
+                frames[n] = Some(next);
+                n += 1;
+            }
             None => break,
         }
     }
-    ws.flush().await
-}
-
-fn data_frame(codec: Codec, bytes: &Bytes) -> Frame<'_> {
-    let payload = Payload::Borrowed(&bytes[..]);
-    if codec.is_binary() {
-        Frame::binary(payload)
-    } else {
-        Frame::text(payload)
-    }
+    let outs: [Out<'_>; wire::BURST] = std::array::from_fn(|i| match &frames[i] {
+        Some(o) => Out {
+            opcode: if o.pong { OpCode::Pong } else { data },
+            payload: &o.frame,
+        },
+        None => Out {
+            opcode: data,
+            payload: &[],
+        },
+    });
+    out.write(&outs[..n])
 }
 
 /// Client frames per second with a burst allowance.

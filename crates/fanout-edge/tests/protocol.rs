@@ -96,6 +96,27 @@ async fn close_code_for(url: &str) -> Option<u16> {
     }
 }
 
+/// A client refused at once that has already sent frames the node never reads: the
+/// node reads them away before closing the socket, so its close frame is not lost to
+/// a connection reset (which discards what the client had not read yet).
+#[tokio::test]
+async fn a_refused_client_that_already_sent_frames_still_gets_its_close_code() {
+    let node = start(None, &[]).await;
+    let ws = node.ws_url();
+    for round in 0..40 {
+        let mut c = WsClient::connect(&format!("{ws}?token=not-a-valid-token"))
+            .await
+            .unwrap();
+        for id in 0..20 {
+            c.send(json!({"type":"subscribe","id":id,"channel":"job_progress:7"}))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(c.expect_close().await, Some(4001), "round {round}");
+    }
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_tokens_close_with_4001_and_expired_with_4004() {
     let node = start(
