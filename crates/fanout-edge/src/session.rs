@@ -96,8 +96,13 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
     }
     // A bug while handling a frame ends this connection (1011) and nothing else; the
     // cleanup below still runs.
-    let read = std::panic::AssertUnwindSafe(session.read_loop(&mut input));
-    if futures_util::FutureExt::catch_unwind(read).await.is_err() {
+    // (Built in place: a future first bound to a local would be stored twice in this
+    // one, which every connection carries.)
+    let read = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        session.read_loop(&mut input),
+    ))
+    .await;
+    if read.is_err() {
         metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
         tracing::error!(
             session = id,
@@ -283,7 +288,9 @@ impl Session {
                         self.control.close(CloseCode::TooBig);
                         return;
                     }
-                    self.on_message(&bytes, binary).await;
+                    // Boxed: handling a frame (a subscribe reads history) takes far more
+                    // state than waiting for one, and every idle connection would carry it.
+                    Box::pin(self.on_message(&bytes, binary)).await;
                     if self.control.is_cancelled() {
                         return;
                     }
@@ -774,7 +781,8 @@ async fn write_loop(
                         .then(|| (CloseCode::GoingAway.code(), CloseCode::GoingAway.reason().to_string()))
                 });
                 if let Some((code, reason)) = close {
-                    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    // Boxed: only a closing connection carries this state.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(async {
                         // What is already queued (replies, messages) goes out before the
                         // close frame; not for a slow consumer, whose queue is the problem.
                         if code != CloseCode::SlowConsumer.code() {
@@ -787,7 +795,7 @@ async fn write_loop(
                         out.send(OpCode::Close, &payload).await?;
                         out.shutdown_write();
                         Ok::<(), std::io::Error>(())
-                    })
+                    }))
                     .await;
                 }
                 return;
