@@ -146,7 +146,7 @@ impl Report {
                 "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
                 "max": h.max() as f64 / 1000.0,
             });
-            if !h.is_empty() && !load_time.is_zero() {
+            if !h.is_empty() && !load_time.is_zero() && fields.get("delivered").is_some() {
                 j["deliveries_per_second"] =
                     json!((h.len() as f64 / load_time.as_secs_f64()).round());
             }
@@ -158,6 +158,11 @@ impl Report {
         };
         a.extend(b);
         a.extend(c);
+        if scenario == "churn" {
+            // No connections are held: a figure per connection would mean nothing.
+            a.remove("server_rss_bytes_per_connection");
+            a.remove("server_cpu_seconds_connecting");
+        }
         Report { json: j, latency }
     }
 
@@ -221,13 +226,12 @@ impl Report {
             );
         }
         if let Some(rss) = secs("server_rss_bytes_connected") {
-            let per = secs("server_rss_bytes_per_connection").unwrap_or(0.0);
+            let per = secs("server_rss_bytes_per_connection")
+                .map(|p| format!(" ({p:.0} B per connection over the start)"))
+                .unwrap_or_default();
             row(
                 "server RSS connected",
-                format!(
-                    "{:.1} MiB ({per:.0} B per connection over the start)",
-                    rss / 1048576.0
-                ),
+                format!("{:.1} MiB{per}", rss / 1048576.0),
             );
         }
         if let Some(rss) = secs("server_rss_bytes_end") {

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Runs the benchmark scenarios of docs/benchmarks.md on this machine, each against a
+# fresh fanout-edge (release build) on its own redis-server, and writes every report
+# (JSON) and latency plot (SVG) to the results directory.
+#
+#   loadtest/bench.sh [SCENARIO...]     default: all of them
+#       broadcast per-user job-progress churn idle idle-shared cluster cluster-light
+#
+# Environment: FANOUT_BENCH_OUT (default .tmp/bench), FANOUT_BENCH_DURATION (10).
+# Everything listens on 127.0.0.1; every run is bounded by the load generator's own
+# limits. `cluster` needs haproxy (scripts/local-cluster.sh starts 3 edges behind it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${FANOUT_BENCH_OUT:-$ROOT/.tmp/bench}
+DURATION=${FANOUT_BENCH_DURATION:-10}
+SECRET=bench-secret-0123456789abcdef
+ADMIN=bench-admin-0123456789abcdef
+mkdir -p "$OUT"
+
+cargo build --release -q -p fanout-edge -p fanout-loadtest -p fanout-publisher
+BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
+LT=$BIN/fanout-loadtest
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+REDIS_PID="" EDGE_PID=""
+stop() { if [ -n "$1" ]; then kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; fi; }
+cleanup() {
+  stop "$EDGE_PID"
+  stop "$REDIS_PID"
+  EDGE_PID="" REDIS_PID=""
+}
+trap cleanup EXIT
+
+# A fresh redis-server and edge, so that each memory figure starts from the same place.
+# shellcheck disable=SC2120
+fresh() {
+  cleanup
+  REDIS_PORT=$(free_port)
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    --logfile "$OUT/redis.log" &
+  REDIS_PID=$!
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  EDGE_PORT=$(free_port)
+  FANOUT_LOG=warn "$BIN/fanout-edge" --listen "127.0.0.1:$EDGE_PORT" \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" --jwt-secret "$SECRET" \
+    --admin-token "$ADMIN" --drain-secs 0 "$@" >>"$OUT/edge.log" 2>&1 &
+  EDGE_PID=$!
+  for _ in $(seq 50); do
+    curl -fs "http://127.0.0.1:$EDGE_PORT/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  sleep 1
+}
+
+run() {
+  local name=$1 plot=()
+  shift
+  if [ "$1" != idle ] && [ "$1" != churn ]; then plot=(--plot "$OUT/$name.svg"); fi
+  echo "== $name"
+  "$LT" "$@" --jwt-secret "$SECRET" --json "$OUT/$name.json" "${plot[@]}" | grep -v '^{'
+}
+
+common() { echo --url "ws://127.0.0.1:$EDGE_PORT/ws" --server-pid "$EDGE_PID"; }
+
+scenarios=("$@")
+[ ${#scenarios[@]} -eq 0 ] && scenarios=(broadcast per-user job-progress churn idle idle-shared cluster cluster-light)
+for s in "${scenarios[@]}"; do
+  case $s in
+  broadcast)
+    fresh
+    # shellcheck disable=SC2046
+    run broadcast broadcast $(common) --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+      --clients 2000 --rate 200 --duration "$DURATION"
+    ;;
+  per-user)
+    fresh
+    # shellcheck disable=SC2046
+    run per-user per-user $(common) --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+      --clients 5000 --rate 5000 --duration "$DURATION"
+    ;;
+  job-progress)
+    fresh
+    # shellcheck disable=SC2046
+    run job-progress job-progress $(common) --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+      --clients 3000 --watchers 3 --interval-ms 100 --duration "$DURATION"
+    ;;
+  churn)
+    fresh
+    # shellcheck disable=SC2046
+    run churn churn $(common) --rate 500 --clients 1000 --duration "$DURATION"
+    ;;
+  idle)
+    fresh
+    # shellcheck disable=SC2046
+    run idle idle $(common) --clients 10000 --duration 5
+    ;;
+  idle-shared)
+    fresh
+    # shellcheck disable=SC2046
+    run idle-shared idle $(common) --clients 10000 --duration 5 --channel loadtest:idle
+    ;;
+  cluster | cluster-light)
+    cleanup
+    export FANOUT_JWT_SECRET=$SECRET FANOUT_ADMIN_TOKEN=$ADMIN FANOUT_BIN_DIR=$BIN
+    export FANOUT_CLUSTER_DIR=$OUT/cluster FANOUT_DRAIN_SECS=0
+    scripts/local-cluster.sh stop >/dev/null 2>&1 || true
+    scripts/local-cluster.sh start --detach >"$OUT/cluster-start.log"
+    # shellcheck disable=SC1091
+    . "$OUT/cluster/cluster.env"
+    pids=()
+    for f in "$OUT"/cluster/pids/edge-*.pid; do pids+=(--server-pid "$(cat "$f")"); done
+    load=(--clients 2000 --rate 200)
+    [ "$s" = cluster-light ] && load=(--clients 1000 --rate 100)
+    lb=$(cat "$OUT/cluster/pids/haproxy.pid")
+    before=$(awk '{print $14 + $15}' "/proc/$lb/stat")
+    run "$s" broadcast --url "ws://127.0.0.1:$LB_PORT/ws" "${pids[@]}" \
+      --redis-url "$FANOUT_REDIS_URL" "${load[@]}" --duration "$DURATION"
+    after=$(awk '{print $14 + $15}' "/proc/$lb/stat")
+    echo "haproxy CPU under the run   $(((after - before) / 100)) s"
+    scripts/local-cluster.sh stop >/dev/null
+    ;;
+  *)
+    echo "unknown scenario: $s" >&2
+    exit 2
+    ;;
+  esac
+done
+echo "reports in $OUT"
