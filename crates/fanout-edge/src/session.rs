@@ -770,46 +770,58 @@ async fn write_loop(
 ) {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
+        // A close asked for with a code is seen here (an atomic load) even while frames
+        // keep coming. The cancellation token is polled only when there is nothing to
+        // write: checking it takes a mutex, which must not be paid per message.
+        if control.close_frame().is_some() {
+            break;
+        }
         let result: std::io::Result<()> = tokio::select! {
             biased;
-            _ = control.cancelled() => {
-                // A connection ended by the node's shutdown says 1001 even if nobody
-                // asked for a code (e.g. it had not authenticated yet).
-                let close = control.close_frame().cloned().or_else(|| {
-                    node_shutdown
-                        .is_cancelled()
-                        .then(|| (CloseCode::GoingAway.code(), CloseCode::GoingAway.reason().to_string()))
-                });
-                if let Some((code, reason)) = close {
-                    // Boxed: only a closing connection carries this state.
-                    let _ = tokio::time::timeout(CLOSE_GRACE, Box::pin(async {
-                        // What is already queued (replies, messages) goes out before the
-                        // close frame; not for a slow consumer, whose queue is the problem.
-                        if code != CloseCode::SlowConsumer.code() {
-                            while let Some(first) = outbox.try_next() {
-                                write_burst(&mut out, &mut outbox, first, codec).await?;
-                            }
-                        }
-                        let mut payload = code.to_be_bytes().to_vec();
-                        payload.extend_from_slice(reason.as_bytes());
-                        out.send(OpCode::Close, &payload).await?;
-                        out.shutdown_write();
-                        Ok::<(), std::io::Error>(())
-                    }))
-                    .await;
-                }
-                return;
-            }
+            // Pings first: a connection busy with messages still gets them, and its
+            // client's pongs keep the reader's idle timer from firing.
             _ = ping.tick() => guarded(&control, out.send(OpCode::Ping, &[])).await,
             next = outbox.next() => {
                 let Some(first) = next else { return };
                 guarded(&control, write_burst(&mut out, &mut outbox, first, codec)).await
             }
+            _ = control.cancelled() => break,
         };
         if result.is_err() {
             control.abort();
             return;
         }
+    }
+    // A connection ended by the node's shutdown says 1001 even if nobody asked for a
+    // code (e.g. it had not authenticated yet).
+    let close = control.close_frame().cloned().or_else(|| {
+        node_shutdown.is_cancelled().then(|| {
+            (
+                CloseCode::GoingAway.code(),
+                CloseCode::GoingAway.reason().to_string(),
+            )
+        })
+    });
+    if let Some((code, reason)) = close {
+        // Boxed: only a closing connection carries this state.
+        let _ = tokio::time::timeout(
+            CLOSE_GRACE,
+            Box::pin(async {
+                // What is already queued (replies, messages) goes out before the close
+                // frame; not for a slow consumer, whose queue is the problem.
+                if code != CloseCode::SlowConsumer.code() {
+                    while let Some(first) = outbox.try_next() {
+                        write_burst(&mut out, &mut outbox, first, codec).await?;
+                    }
+                }
+                let mut payload = code.to_be_bytes().to_vec();
+                payload.extend_from_slice(reason.as_bytes());
+                out.send(OpCode::Close, &payload).await?;
+                out.shutdown_write();
+                Ok::<(), std::io::Error>(())
+            }),
+        )
+        .await;
     }
 }
 
@@ -822,6 +834,8 @@ async fn guarded(
 ) -> std::io::Result<()> {
     tokio::pin!(write);
     tokio::select! {
+        // The write first: it is usually done at once, and the token is not checked.
+        biased;
         r = &mut write => r,
         _ = control.cancelled() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
             Ok(r) => r,
