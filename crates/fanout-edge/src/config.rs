@@ -183,6 +183,12 @@ impl Limits {
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs)
     }
+    /// How long a client may go without sending anything (it answers our pings), or
+    /// without reading what we write, before it is taken for gone: two ping intervals
+    /// and five seconds.
+    pub fn silence_timeout(&self) -> Duration {
+        self.ping_interval() * 2 + Duration::from_secs(5)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

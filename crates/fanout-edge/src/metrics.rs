@@ -86,7 +86,7 @@ fn describe() {
         (
             SLOW_CONSUMER_CLOSES_TOTAL,
             "limit",
-            &["messages", "bytes"][..],
+            &["messages", "bytes", "replay", "stall"][..],
         ),
         (
             INTERNAL_ERRORS_TOTAL,

@@ -44,16 +44,7 @@ pub struct QueueLimits {
 /// A queued frame, and which budget it counts against.
 struct Item {
     frame: Bytes,
-    kind: Kind,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Live,
-    Replay,
-    /// The payload of a pong answering the client's ping: outside both budgets (pings
-    /// are rate-limited as client frames).
-    Pong,
+    replay: bool,
 }
 
 /// What the writer sends next.
@@ -86,6 +77,11 @@ struct State {
     conflating: AtomicBool,
     /// Conflating channels' frames, in order of each channel's first overflow.
     pending: Mutex<Vec<Slot>>,
+    /// The payload of the pong answering the client's latest ping, not sent yet. One
+    /// slot, not a queue: a client that pings without reading holds one pong, never a
+    /// growing queue (RFC 6455 §5.5.3 allows answering only the latest ping).
+    pong: Mutex<Option<Bytes>>,
+    pong_waiting: AtomicBool,
     wake: Notify,
 }
 
@@ -93,6 +89,19 @@ impl State {
     fn pending(&self) -> MutexGuard<'_, Vec<Slot>> {
         // A panic elsewhere must not wedge this connection's queue.
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Condemns the connection as a slow consumer (4009), once. `limit`: which bound
+    /// it passed (`messages`, `bytes`, `replay`, or `stall`: the socket took nothing
+    /// for too long).
+    fn slow(&self, limit: &'static str) {
+        if !self.slow.swap(true, Ordering::Relaxed) {
+            metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL, "limit" => limit).increment(1);
+            let queued_bytes =
+                self.live_bytes.load(Ordering::Relaxed) + self.replay_bytes.load(Ordering::Relaxed);
+            tracing::info!(limit, queued_bytes, "slow consumer, closing with 4009");
+            self.control.close(CloseCode::SlowConsumer);
+        }
     }
 }
 
@@ -129,6 +138,8 @@ impl Outbox {
             replay_bytes: AtomicUsize::new(0),
             conflating: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
+            pong: Mutex::new(None),
+            pong_waiting: AtomicBool::new(false),
             wake: Notify::new(),
         });
         (
@@ -161,8 +172,7 @@ impl Outbox {
         messages.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
-        let kind = if replay { Kind::Replay } else { Kind::Live };
-        if self.tx.send(Item { frame, kind }).is_err() {
+        if self.tx.send(Item { frame, replay }).is_err() {
             messages.fetch_sub(1, Ordering::Relaxed);
             bytes.fetch_sub(len, Ordering::Relaxed);
             QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
@@ -257,13 +267,14 @@ impl Outbox {
         }
     }
 
-    /// Queues a pong with the client's ping payload (at most 125 bytes).
+    /// Asks for a pong with the client's ping payload (at most 125 bytes). It goes out
+    /// before the next queued frame; a pong not sent yet is replaced by the newer one.
     pub fn push_pong(&self, payload: Bytes) {
-        if !self.state.slow.load(Ordering::Relaxed) {
-            let _ = self.tx.send(Item {
-                frame: payload,
-                kind: Kind::Pong,
-            });
+        let s = &self.state;
+        if !s.slow.load(Ordering::Relaxed) {
+            *s.pong.lock().unwrap_or_else(PoisonError::into_inner) = Some(payload);
+            s.pong_waiting.store(true, Ordering::Release);
+            s.wake.notify_one();
         }
     }
 
@@ -286,15 +297,7 @@ impl Outbox {
     }
 
     fn slow(&self, limit: &'static str) {
-        if !self.state.slow.swap(true, Ordering::Relaxed) {
-            metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL, "limit" => limit).increment(1);
-            tracing::info!(
-                limit,
-                queued_bytes = self.queued_bytes(),
-                "slow consumer: outbound queue full, closing with 4009"
-            );
-            self.state.control.close(CloseCode::SlowConsumer);
-        }
+        self.state.slow(limit);
     }
 
     pub fn control(&self) -> &Arc<Control> {
@@ -318,15 +321,10 @@ impl Inbox {
     fn taken(&self, item: Item) -> Outgoing {
         let s = &self.state;
         let len = item.frame.len();
-        let (messages, bytes) = match item.kind {
-            Kind::Replay => (&s.replay_messages, &s.replay_bytes),
-            Kind::Live => (&s.live_messages, &s.live_bytes),
-            Kind::Pong => {
-                return Outgoing {
-                    frame: item.frame,
-                    pong: true,
-                }
-            }
+        let (messages, bytes) = if item.replay {
+            (&s.replay_messages, &s.replay_bytes)
+        } else {
+            (&s.live_messages, &s.live_bytes)
         };
         messages.fetch_sub(1, Ordering::Relaxed);
         bytes.fetch_sub(len, Ordering::Relaxed);
@@ -353,10 +351,32 @@ impl Inbox {
         self.current.pop_front()
     }
 
-    /// The next frame without waiting: a slot being written first, then the queue,
-    /// then the conflation slots.
+    /// The socket has taken nothing for too long: the client is a slow consumer.
+    pub fn stalled(&self) {
+        self.state.slow("stall");
+    }
+
+    /// The pong asked for, if any.
+    fn take_pong(&mut self) -> Option<Outgoing> {
+        let s = &self.state;
+        if !s.pong_waiting.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        let frame = s
+            .pong
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        Some(Outgoing { frame, pong: true })
+    }
+
+    /// The next frame without waiting: a pong first, then a slot being written, then
+    /// the queue, then the conflation slots.
     pub fn try_next(&mut self) -> Option<Outgoing> {
         let data = |frame| Outgoing { frame, pong: false };
+        if let Some(pong) = self.take_pong() {
+            return Some(pong);
+        }
         if let Some(frame) = self.current.pop_front() {
             return Some(data(frame));
         }
@@ -529,21 +549,34 @@ mod tests {
     }
 
     #[test]
-    fn pongs_are_sent_in_order_outside_the_budgets() {
+    fn only_the_latest_pong_waits_and_it_goes_first() {
         let (o, mut i) = outbox(1, 1 << 20);
         assert!(o.push(Bytes::from_static(b"m")));
-        o.push_pong(Bytes::from_static(b"ping-1"));
-        o.push_pong(Bytes::from_static(b"ping-2"));
+        // A client pinging without reading: however many pings, one pong waits.
+        for n in 0..10_000 {
+            o.push_pong(Bytes::from(format!("ping-{n}")));
+        }
         assert_eq!(o.queued(), 1, "pongs count against no budget");
+        let p = i.try_next().unwrap();
+        assert!(p.pong);
+        assert_eq!(p.frame, Bytes::from_static(b"ping-9999"));
         let m = i.try_next().unwrap();
         assert!(!m.pong);
         assert_eq!(m.frame, Bytes::from_static(b"m"));
-        for want in [&b"ping-1"[..], b"ping-2"] {
-            let p = i.try_next().unwrap();
-            assert!(p.pong);
-            assert_eq!(p.frame, want);
-        }
+        assert!(i.try_next().is_none());
         assert_eq!(o.control().code(), None);
         assert_eq!(o.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn next_wakes_for_a_pong() {
+        let (o, mut i) = outbox(1, 1 << 20);
+        let writer = tokio::spawn(async move { i.next().await.map(|o| (o.pong, o.frame)) });
+        tokio::task::yield_now().await;
+        o.push_pong(Bytes::from_static(b"p"));
+        assert_eq!(
+            writer.await.unwrap().unwrap(),
+            (true, Bytes::from_static(b"p"))
+        );
     }
 }

@@ -69,6 +69,7 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
         shared.shutdown.clone(),
         handshake.codec,
         shared.settings.limits.ping_interval(),
+        shared.settings.limits.silence_timeout(),
     ));
 
     metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
@@ -113,13 +114,15 @@ pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: H
     session.cleanup();
     // The writer ends within two grace periods of the cancel; never wait longer.
     let abort = writer_task.abort_handle();
-    if tokio::time::timeout(CLOSE_GRACE * 3, writer_task)
-        .await
-        .is_err()
-    {
-        abort.abort();
-    }
-    if control.close_frame().is_some() && !session.client_closed {
+    let close_sent = match tokio::time::timeout(CLOSE_GRACE * 3, writer_task).await {
+        Ok(Ok(sent)) => sent,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            abort.abort();
+            false
+        }
+    };
+    if close_sent && !session.client_closed {
         // The node closed: let the client answer before the socket goes.
         input.drain(CLOSE_DRAIN).await;
     }
@@ -163,7 +166,7 @@ impl Session {
         let limits = &self.shared.settings.limits;
         let auth_deadline = Instant::now() + limits.auth_timeout();
         // A client silent for two ping intervals (it answers our pings) is gone.
-        let idle = limits.ping_interval() * 2 + Duration::from_secs(5);
+        let idle = limits.silence_timeout();
         let max = limits.max_message_size;
         let mut fragments: Option<(Vec<u8>, bool)> = None;
         // Skipping the rest of a fragmented message whose earlier piece was refused.
@@ -760,6 +763,8 @@ impl Session {
     }
 }
 
+/// Writes the connection's frames until it ends; returns whether a close frame went
+/// out (then the client's answer is worth waiting for).
 async fn write_loop(
     mut out: Output,
     mut outbox: Inbox,
@@ -767,8 +772,11 @@ async fn write_loop(
     node_shutdown: CancellationToken,
     codec: Codec,
     ping_interval: Duration,
-) {
+    stall: Duration,
+) -> bool {
     let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    // After a long write, the next ping is an interval later, not a burst of missed ones.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // A close asked for with a code is seen here (an atomic load) even while frames
         // keep coming. The cancellation token is polled only when there is nothing to
@@ -780,16 +788,27 @@ async fn write_loop(
             biased;
             // Pings first: a connection busy with messages still gets them, and its
             // client's pongs keep the reader's idle timer from firing.
-            _ = ping.tick() => guarded(&control, out.send(OpCode::Ping, &[])).await,
+            _ = ping.tick() => {
+                guarded(&control, send_within(&mut out, OpCode::Ping, &[], stall)).await
+            }
             next = outbox.next() => {
-                let Some(first) = next else { return };
-                guarded(&control, write_burst(&mut out, &mut outbox, first, codec)).await
+                let Some(first) = next else { return false };
+                guarded(&control, write_burst(&mut out, &mut outbox, first, codec, stall)).await
             }
             _ = control.cancelled() => break,
         };
-        if result.is_err() {
-            control.abort();
-            return;
+        match result {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !control.is_cancelled() => {
+                // The client has read nothing for as long as a silent client is given:
+                // a slow consumer, told so (the close frame waits behind what is stuck,
+                // and the socket goes if it cannot be sent either).
+                outbox.stalled();
+            }
+            Err(_) => {
+                control.abort();
+                return false;
+            }
         }
     }
     // A connection ended by the node's shutdown says 1001 even if nobody asked for a
@@ -802,16 +821,19 @@ async fn write_loop(
             )
         })
     });
-    if let Some((code, reason)) = close {
+    let Some((code, reason)) = close else {
+        return false;
+    };
+    {
         // Boxed: only a closing connection carries this state.
-        let _ = tokio::time::timeout(
+        let sent = tokio::time::timeout(
             CLOSE_GRACE,
             Box::pin(async {
                 // What is already queued (replies, messages) goes out before the close
                 // frame; not for a slow consumer, whose queue is the problem.
                 if code != CloseCode::SlowConsumer.code() {
                     while let Some(first) = outbox.try_next() {
-                        write_burst(&mut out, &mut outbox, first, codec).await?;
+                        write_burst(&mut out, &mut outbox, first, codec, CLOSE_GRACE).await?;
                     }
                 }
                 let mut payload = code.to_be_bytes().to_vec();
@@ -822,6 +844,7 @@ async fn write_loop(
             }),
         )
         .await;
+        matches!(sent, Ok(Ok(())))
     }
 }
 
@@ -845,15 +868,40 @@ async fn guarded(
 }
 
 /// Writes `first` and whatever else is already queued (up to [`wire::BURST`] frames)
-/// with one `writev`, then waits until the socket has taken it all.
+/// with one `writev`, then waits until the socket has taken it all — for at most
+/// `stall` (then `TimedOut`).
 async fn write_burst(
     out: &mut Output,
     outbox: &mut Inbox,
     first: Outgoing,
     codec: Codec,
+    stall: Duration,
 ) -> std::io::Result<()> {
     burst_now(out, outbox, first, codec)?;
-    out.flush().await
+    flush_within(out, stall).await
+}
+
+/// Writes one frame and waits, for at most `stall`, until the socket has taken it.
+async fn send_within(
+    out: &mut Output,
+    opcode: OpCode,
+    payload: &[u8],
+    stall: Duration,
+) -> std::io::Result<()> {
+    out.write(&[Out { opcode, payload }])?;
+    flush_within(out, stall).await
+}
+
+/// Waits until the socket has taken everything written, for at most `stall`. Usually
+/// it has at once, and no timer is set.
+async fn flush_within(out: &mut Output, stall: Duration) -> std::io::Result<()> {
+    if out.is_flushed() {
+        return Ok(());
+    }
+    match tokio::time::timeout(stall, out.flush()).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// The synchronous part of a burst: the frames are gathered on the stack, so that an

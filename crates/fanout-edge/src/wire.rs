@@ -54,7 +54,7 @@ pub fn split(tcp: TcpStream, pre_read: Bytes, max_message_size: usize) -> (Input
         },
         Output {
             socket,
-            pending: Vec::new(),
+            pending: BytesMut::new(),
         },
     )
 }
@@ -204,7 +204,9 @@ pub struct Out<'a> {
 pub struct Output {
     socket: Arc<Socket>,
     /// What the socket did not take yet; empty (unallocated) unless it pushes back.
-    pending: Vec<u8>,
+    /// What the socket takes is advanced past, so an interrupted flush resumes where
+    /// it stopped.
+    pending: BytesMut,
 }
 
 impl Output {
@@ -245,7 +247,7 @@ impl Output {
         };
         if written < total {
             // Keep the rest, in order.
-            self.pending.reserve_exact(total - written);
+            self.pending.reserve(total - written);
             let mut skip = written;
             for s in &slices[..frames.len() * 2] {
                 if skip >= s.len() {
@@ -260,19 +262,26 @@ impl Output {
     }
 
     /// Waits until everything written has gone to the socket, then lets the buffer go.
+    /// Cancel-safe: dropped midway, it has lost nothing, and the next call goes on.
     pub async fn flush(&mut self) -> io::Result<()> {
-        let mut sent = 0;
-        while sent < self.pending.len() {
+        while !self.pending.is_empty() {
             self.socket.tcp.writable().await?;
-            match self.socket.tcp.try_write(&self.pending[sent..]) {
+            match self.socket.tcp.try_write(&self.pending) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => sent += n,
+                Ok(n) => self.pending.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
-        self.pending = Vec::new();
+        if self.pending.capacity() > 0 {
+            self.pending = BytesMut::new();
+        }
         Ok(())
+    }
+
+    /// Whether everything written has gone to the socket.
+    pub fn is_flushed(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// Writes one control or data frame and flushes.
@@ -400,6 +409,19 @@ mod tests {
         assert!(!input.holds_buffer());
     }
 
+    /// The bytes `frames` make on the wire.
+    fn encoded(frames: &[Out<'_>]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for f in frames {
+            let mut frame = Frame::new(true, f.opcode, None, Payload::Borrowed(f.payload));
+            let mut head = [0u8; 16];
+            let n = frame.fmt_head(&mut head);
+            bytes.extend_from_slice(&head[..n]);
+            bytes.extend_from_slice(f.payload);
+        }
+        bytes
+    }
+
     #[tokio::test]
     async fn a_burst_goes_out_in_order_and_what_the_socket_refuses_waits() {
         let (server, mut client) = pair().await;
@@ -422,22 +444,35 @@ mod tests {
             assert!(rounds < 10_000, "the socket never pushed back");
         }
         assert!(output.pending() > 0);
+        // Then more than the kernel's buffers hold, so a flush has to stop midway.
+        let huge = vec![b'z'; 32 << 20];
+        let tail = [Out {
+            opcode: OpCode::Binary,
+            payload: &huge,
+        }];
+        output.write(&tail).unwrap();
         let expected = {
-            let mut one = Vec::new();
-            for f in &burst {
-                let mut frame = Frame::new(true, f.opcode, None, Payload::Borrowed(f.payload));
-                let mut head = [0u8; 16];
-                let n = frame.fmt_head(&mut head);
-                one.extend_from_slice(&head[..n]);
-                one.extend_from_slice(f.payload);
-            }
-            one.repeat(rounds)
+            let mut all = encoded(&burst).repeat(rounds);
+            all.extend(encoded(&tail));
+            all
         };
+        // The client reads half, then stops a while: the flush, interrupted midway,
+        // must go on from where it stopped, not start over.
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
         let reader = tokio::spawn(async move {
             let mut got = vec![0u8; expected.len()];
-            client.read_exact(&mut got).await.unwrap();
+            let half = expected.len() / 2;
+            client.read_exact(&mut got[..half]).await.unwrap();
+            go_rx.await.unwrap();
+            client.read_exact(&mut got[half..]).await.unwrap();
             assert!(got == expected, "bytes differ");
         });
+        let interrupted = tokio::time::timeout(Duration::from_millis(300), output.flush()).await;
+        assert!(
+            interrupted.is_err(),
+            "the flush cannot end before the client reads"
+        );
+        go_tx.send(()).unwrap();
         output.flush().await.unwrap();
         assert_eq!(output.pending(), 0);
         assert_eq!(output.pending.capacity(), 0, "the buffer is let go");

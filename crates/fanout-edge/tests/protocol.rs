@@ -118,6 +118,48 @@ async fn a_refused_client_that_already_sent_frames_still_gets_its_close_code() {
 }
 
 #[tokio::test]
+async fn a_client_that_pings_but_never_reads_is_closed_4009_once_its_socket_stalls() {
+    // Queue bounds far above what is sent: only the stall can close it. The stall
+    // timeout is 2 × ping interval + 5 s = 7 s.
+    let cfg = config_file(
+        "[limits]\nping_interval_secs = 1\nqueue_messages = 100000\nqueue_bytes = 268435456\n",
+    );
+    let node = start_configured(&Backend::Memory, &cfg).await;
+    let mut c = connect(&node, &token("15", &["chat:*"])).await;
+    assert_eq!(c.subscribe(1, "chat:stall").await["type"], "subscribed");
+    // 33 MB: more than the kernel's socket buffers hold.
+    let blob = "s".repeat(60 * 1024);
+    for n in 0..550 {
+        let (status, body) = api_publish(&node, "chat:stall", json!({"n": n, "blob": blob})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // The client keeps pinging, so it is not silent, and reads nothing.
+    let series = "fanout_slow_consumer_closes_total{limit=\"stall\"";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut pings = 0;
+    while metric(&node, series).await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never closed for the stall"
+        );
+        c.send_ping(format!("p{pings}").as_bytes()).await.unwrap();
+        pings += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        pings >= 15,
+        "closed after {pings} pings: before the stall timeout"
+    );
+    // What was in flight, then the close.
+    assert_eq!(c.expect_close().await, Some(4009));
+    assert_eq!(
+        metric(&node, "fanout_slow_consumer_closes_total{limit=\"bytes\"").await,
+        0.0
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_tokens_close_with_4001_and_expired_with_4004() {
     let node = start(
         None,

@@ -105,6 +105,14 @@ impl WsClient {
             .map_err(|e| e.to_string())
     }
 
+    /// Sends a WebSocket ping, reading nothing.
+    pub async fn send_ping(&mut self, payload: &[u8]) -> Result<(), String> {
+        self.stream
+            .send(Message::Ping(payload.to_vec().into()))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// The next frame or close, within `WAIT`.
     pub async fn next(&mut self) -> Incoming {
         self.next_within(WAIT)
