@@ -24,12 +24,13 @@ LT=$BIN/fanout-loadtest
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-REDIS_PID="" EDGE_PID=""
+REDIS_PID="" EDGE_PID="" CLUSTER=""
 stop() { if [ -n "$1" ]; then kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; fi; }
 cleanup() {
   stop "$EDGE_PID"
   stop "$REDIS_PID"
   EDGE_PID="" REDIS_PID=""
+  if [ -n "$CLUSTER" ]; then scripts/local-cluster.sh stop >/dev/null 2>&1 || true; CLUSTER=""; fi
 }
 trap cleanup EXIT
 
@@ -59,7 +60,7 @@ run() {
   shift
   if [ "$1" != idle ] && [ "$1" != churn ]; then plot=(--plot "$OUT/$name.svg"); fi
   echo "== $name"
-  "$LT" "$@" --jwt-secret "$SECRET" --json "$OUT/$name.json" "${plot[@]}" | grep -v '^{'
+  "$LT" "$@" --jwt-secret "$SECRET" --json "$OUT/$name.json" ${plot[@]+"${plot[@]}"} | grep -v '^{'
 }
 
 common() { echo --url "ws://127.0.0.1:$EDGE_PORT/ws" --server-pid "$EDGE_PID"; }
@@ -106,6 +107,7 @@ for s in "${scenarios[@]}"; do
     export FANOUT_JWT_SECRET=$SECRET FANOUT_ADMIN_TOKEN=$ADMIN FANOUT_BIN_DIR=$BIN
     export FANOUT_CLUSTER_DIR=$OUT/cluster FANOUT_DRAIN_SECS=0
     scripts/local-cluster.sh stop >/dev/null 2>&1 || true
+    CLUSTER=1
     scripts/local-cluster.sh start --detach >"$OUT/cluster-start.log"
     # shellcheck disable=SC1091
     . "$OUT/cluster/cluster.env"
@@ -118,8 +120,9 @@ for s in "${scenarios[@]}"; do
     run "$s" broadcast --url "ws://127.0.0.1:$LB_PORT/ws" "${pids[@]}" \
       --redis-url "$FANOUT_REDIS_URL" "${load[@]}" --duration "$DURATION"
     after=$(awk '{print $14 + $15}' "/proc/$lb/stat")
-    echo "haproxy CPU under the run   $(((after - before) / 100)) s"
+    awk -v a="$after" -v b="$before" 'BEGIN { printf "haproxy CPU (connect + load) %.2f s\n", (a - b) / 100 }'
     scripts/local-cluster.sh stop >/dev/null
+    CLUSTER=""
     ;;
   *)
     echo "unknown scenario: $s" >&2

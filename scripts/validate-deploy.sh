@@ -167,7 +167,7 @@ check_yaml() {
 }
 
 check_shell() {
-  shellcheck scripts/validate-deploy.sh scripts/local-cluster.sh
+  shellcheck scripts/validate-deploy.sh scripts/local-cluster.sh loadtest/bench.sh
 }
 
 # Builds an overlay with every kustomize at hand; they must agree.
@@ -473,7 +473,7 @@ wait_server_state() {
 install_tools
 
 check "yamllint (deploy/, docker-compose.yml)" check_yaml
-check "shellcheck scripts/validate-deploy.sh scripts/local-cluster.sh" check_shell
+check "shellcheck scripts/validate-deploy.sh scripts/local-cluster.sh loadtest/bench.sh" check_shell
 for overlay in dev prod; do
   check "kustomize build overlays/$overlay (kubectl 1.37, 1.20 and the system's agree)" check_kustomize "$overlay"
   if [ -s "$WORK/$overlay/rendered.yaml" ]; then

@@ -242,23 +242,68 @@ impl Shared {
     }
 }
 
+/// Message numbers past this are not tracked (a stray or corrupt `seq`).
+const MAX_SEQ: u64 = 1 << 28;
+
+/// Which message numbers a client has seen, one bit each: loss, duplicates and
+/// reordering are counted exactly, not inferred from a count.
+#[derive(Default, Debug)]
+pub struct Numbers {
+    bits: Vec<u64>,
+    /// One past the highest number seen.
+    next: u64,
+    /// Distinct numbers seen.
+    pub unique: u64,
+    /// A number seen again.
+    pub duplicates: u64,
+    /// A number seen after a higher one (late, but not lost).
+    pub reordered: u64,
+    /// Messages without a usable `seq`.
+    pub unnumbered: u64,
+}
+
+impl Numbers {
+    pub fn see(&mut self, seq: Option<u64>) {
+        let Some(seq) = seq.filter(|s| *s < MAX_SEQ) else {
+            self.unnumbered += 1;
+            return;
+        };
+        let (word, bit) = ((seq / 64) as usize, 1u64 << (seq % 64));
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & bit != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        self.bits[word] |= bit;
+        self.unique += 1;
+        if seq < self.next {
+            self.reordered += 1;
+        } else {
+            self.next = seq + 1;
+        }
+    }
+}
+
 /// What one client saw.
 #[derive(Default, Debug)]
 pub struct Seen {
+    /// Message frames, all of them.
     pub received: u64,
-    /// Messages whose `seq` was not the next expected one.
-    pub out_of_order: u64,
+    pub numbers: Numbers,
+    /// The client did not stop when told to: what it received is unknown.
+    pub unfinished: bool,
     /// `unsubscribed` with reason `completed` (a job ended).
     pub completed: bool,
     /// How the connection ended before the client stopped, if it did.
     pub closed: Option<String>,
 }
 
-/// Reads until `stop` (or the connection ends), checking that `seq` counts up from 0
-/// and recording publish → receive latency for each message.
+/// Reads until `stop` (or the connection ends), tracking each message's `seq` and
+/// recording publish → receive latency for each message that carries its send time.
 pub async fn receive(mut ws: Ws, i: usize, shared: Arc<Shared>, stop: CancellationToken) -> Seen {
     let mut seen = Seen::default();
-    let mut next = 0u64;
     loop {
         let frame = tokio::select! {
             biased;
@@ -284,15 +329,12 @@ pub async fn receive(mut ws: Ws, i: usize, shared: Arc<Shared>, stop: Cancellati
                             seq: None,
                             sent_us: None,
                         });
-                        let sent = data.sent_us.or(f.ts.map(|ms| ms * 1000)).unwrap_or(now);
-                        let seq = data.seq.unwrap_or(u64::MAX);
-                        if seq != next {
-                            seen.out_of_order += 1;
-                        }
-                        next = seq.saturating_add(1);
+                        seen.numbers.see(data.seq);
                         seen.received += 1;
                         shared.delivered.fetch_add(1, Ordering::Relaxed);
-                        shared.record(i, now.saturating_sub(sent));
+                        if let Some(sent) = data.sent_us.or(f.ts.map(|ms| ms * 1000)) {
+                            shared.record(i, now.saturating_sub(sent));
+                        }
                     }
                     "unsubscribed" if f.reason == Some("completed") => {
                         seen.completed = true;
@@ -329,4 +371,26 @@ pub async fn close(mut ws: Ws) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Numbers;
+
+    #[test]
+    fn numbers_count_loss_duplicates_and_reordering_exactly() {
+        let mut n = Numbers::default();
+        // 0 1 3 2 3 5, and one without a number: 4 is lost, 3 is duplicated, 2 is late.
+        for seq in [0, 1, 3, 2, 3, 5] {
+            n.see(Some(seq));
+        }
+        n.see(None);
+        n.see(Some(u64::MAX));
+        assert_eq!(n.unique, 5);
+        assert_eq!(n.duplicates, 1);
+        assert_eq!(n.reordered, 1);
+        assert_eq!(n.unnumbered, 2);
+        // A duplicate does not hide a loss: 6 expected, 5 distinct seen.
+        assert_eq!(6 - n.unique, 1);
+    }
 }

@@ -44,6 +44,8 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
 pub struct Sample {
     pids: Vec<u32>,
     readings: [Option<Reading>; 3],
+    /// Connections held when the `connected` reading was taken.
+    connections: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -58,6 +60,7 @@ impl Sample {
         let mut s = Sample {
             pids: pids.to_vec(),
             readings: [None; 3],
+            connections: 0,
         };
         s.readings[0] = Some(s.read());
         s
@@ -84,7 +87,9 @@ impl Sample {
         }
     }
 
-    pub fn connected(&mut self) {
+    /// Reads once `connections` are held.
+    pub fn connected(&mut self, connections: usize) {
+        self.connections = connections;
         self.readings[1] = Some(self.read());
     }
 
@@ -92,7 +97,7 @@ impl Sample {
         self.readings[2] = Some(self.read());
     }
 
-    fn json(&self, clients: usize) -> Value {
+    fn json(&self) -> Value {
         let [start, connected, end] = self.readings;
         let get = |r: Option<Reading>, f: fn(&Reading) -> Option<f64>| r.as_ref().and_then(f);
         let rss = |r: &Reading| r.rss.map(|b| b as f64);
@@ -108,7 +113,8 @@ impl Sample {
             "server_rss_bytes_end": get(end, rss),
             // What connecting cost, not what the process held before.
             "server_rss_bytes_per_connection": delta(rss_start, rss_connected)
-                .map(|d| (d / clients.max(1) as f64).round()),
+                .filter(|_| self.connections > 0)
+                .map(|d| (d / self.connections as f64).round()),
             "server_cpu_seconds_connecting": delta(get(start, cpu), get(connected, cpu)),
             "server_cpu_seconds_load": delta(get(connected, cpu), get(end, cpu)),
             "loadgen_cpu_seconds_load": delta(get(connected, own), get(end, own)),
@@ -146,13 +152,15 @@ impl Report {
                 "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
                 "max": h.max() as f64 / 1000.0,
             });
-            if !h.is_empty() && !load_time.is_zero() && fields.get("delivered").is_some() {
-                j["deliveries_per_second"] =
-                    json!((h.len() as f64 / load_time.as_secs_f64()).round());
+            // Over the load: from the first publish until the last delivery (or the
+            // end of the grace period).
+            let delivered = fields.get("delivered").and_then(Value::as_u64);
+            if let Some(d) = delivered.filter(|_| !load_time.is_zero()) {
+                j["deliveries_per_second"] = json!((d as f64 / load_time.as_secs_f64()).round());
             }
         }
         let (Value::Object(a), Value::Object(b), Value::Object(c)) =
-            (&mut j, fields.take(), sample.json(common.clients))
+            (&mut j, fields.take(), sample.json())
         else {
             unreachable!("objects")
         };
@@ -187,11 +195,13 @@ impl Report {
             ("expected", "expected_deliveries"),
             ("lost", "lost"),
             ("extra (duplicates)", "extra"),
-            ("out of order", "out_of_order"),
+            ("out of order (late)", "out_of_order"),
             ("clients short", "clients_short"),
+            ("clients that did not stop", "clients_unfinished"),
             ("jobs completed (subs)", "subscriptions_completed"),
             ("cycles ok", "cycles_ok"),
             ("cycles failed", "cycles_failed"),
+            ("cycles aborted", "cycles_aborted"),
             ("still connected at end", "still_connected_at_end"),
         ] {
             if let Some(v) = num(key) {

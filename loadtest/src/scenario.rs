@@ -118,12 +118,13 @@ async fn connect_all(
 
 impl Fleet {
     /// Waits until `done` holds or `grace` has passed, then stops every client and
-    /// collects what each saw.
-    async fn finish(self, grace: Duration, done: impl Fn() -> bool) -> Vec<Seen> {
+    /// collects what each saw; also returns when the waiting ended.
+    async fn finish(self, grace: Duration, done: impl Fn() -> bool) -> (Vec<Seen>, Instant) {
         let deadline = Instant::now() + grace;
         while !done() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let ended = Instant::now();
         self.stop.cancel();
         let mut out = Vec::with_capacity(self.tasks.len());
         let collect_by = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -134,21 +135,55 @@ impl Fleet {
                 _ => {
                     abort.abort();
                     out.push(Seen {
+                        unfinished: true,
                         closed: Some("did not stop".into()),
                         ..Seen::default()
                     });
                 }
             }
         }
-        out
+        (out, ended)
     }
 }
 
-/// Sleeps until `start + n / rate`.
-async fn pace(start: tokio::time::Instant, n: u64, rate: f64) {
-    let at = start + Duration::from_secs_f64(n as f64 / rate);
-    if at > tokio::time::Instant::now() {
-        tokio::time::sleep_until(at).await;
+/// When each message of a run is due. Messages are stamped with the time they were
+/// due, not the time they went out: a publisher that falls behind shows as latency,
+/// instead of hiding it (coordinated omission).
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: tokio::time::Instant,
+    start_us: u64,
+}
+
+impl Schedule {
+    fn now() -> Schedule {
+        Schedule {
+            start: tokio::time::Instant::now(),
+            start_us: now_us(),
+        }
+    }
+
+    /// Sleeps until `at` after the start; returns that moment as a timestamp (µs).
+    async fn wait(&self, at: Duration) -> u64 {
+        let due = self.start + at;
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        self.start_us + at.as_micros() as u64
+    }
+
+    /// Sleeps until message `n` at `rate` per second is due; returns when it was due.
+    async fn pace(&self, n: u64, rate: f64) -> u64 {
+        self.wait(Duration::from_secs_f64(n as f64 / rate)).await
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// From the start to `end`.
+    fn until(&self, end: Instant) -> Duration {
+        end.saturating_duration_since(self.start.into_std())
     }
 }
 
@@ -156,18 +191,27 @@ fn padding(opts: &PublishOpts) -> String {
     "x".repeat(opts.payload)
 }
 
-/// Loss, duplicates and ordering of a run whose client i expected `expected(i)`.
+/// Loss, duplicates and ordering of a run whose client i expected the numbers
+/// `0..expected(i)`. A client that did not stop is counted apart: what it received
+/// is unknown, so it is neither lost nor delivered.
 fn tally(seen: &[Seen], expected: impl Fn(usize) -> u64) -> Value {
     let (mut want, mut got, mut lost, mut extra, mut disorder, mut short) = (0, 0, 0, 0, 0, 0);
+    let mut unfinished = 0;
     let mut closed = Vec::new();
     for (i, s) in seen.iter().enumerate() {
+        if s.unfinished {
+            unfinished += 1;
+            continue;
+        }
         let e = expected(i);
+        let n = &s.numbers;
         want += e;
         got += s.received;
-        lost += e.saturating_sub(s.received);
-        extra += s.received.saturating_sub(e);
-        disorder += s.out_of_order;
-        if s.received < e {
+        // Distinct numbers, so that a duplicate never hides a loss.
+        lost += e.saturating_sub(n.unique);
+        extra += n.duplicates + n.unnumbered + n.unique.saturating_sub(e);
+        disorder += n.reordered;
+        if n.unique < e {
             short += 1;
         }
         if let Some(c) = &s.closed {
@@ -183,6 +227,7 @@ fn tally(seen: &[Seen], expected: impl Fn(usize) -> u64) -> Value {
         "extra": extra,
         "out_of_order": disorder,
         "clients_short": short,
+        "clients_unfinished": unfinished,
         "client_errors": closed,
     })
 }
@@ -206,17 +251,17 @@ pub async fn broadcast(
     let mut sample = Sample::start(&common.server_pids);
     let fleet = connect_all(&common, &target, plans, &shared).await?;
     let connect_time = fleet.connect_time;
-    sample.connected();
+    sample.connected(common.clients);
 
     let total = opts.rate as u64 * common.duration;
     let pad = padding(&opts);
-    let start = tokio::time::Instant::now();
+    let start = Schedule::now();
     let mut published = 0u64;
     let mut errors = 0u64;
     for seq in 0..total {
-        pace(start, seq, opts.rate as f64).await;
+        let due = start.pace(seq, opts.rate as f64).await;
         match sink
-            .publish(&channel, None, &message(seq, now_us(), &pad, ""))
+            .publish(&channel, None, &message(seq, due, &pad, ""))
             .await
         {
             Ok(()) => published += 1,
@@ -230,7 +275,7 @@ pub async fn broadcast(
     let publish_time = start.elapsed();
     let expected = published * common.clients as u64;
     let s2 = shared.clone();
-    let seen = fleet
+    let (seen, ended) = fleet
         .finish(Duration::from_secs(common.grace), move || {
             s2.delivered.load(Ordering::Relaxed) >= expected
         })
@@ -243,6 +288,7 @@ pub async fn broadcast(
         "published": published,
         "publish_errors": errors,
         "publish_seconds": publish_time.as_secs_f64(),
+        "published_per_second": published as f64 / publish_time.as_secs_f64(),
     });
     merge(&mut j, tally(&seen, |_| published));
     Ok(Report::new(
@@ -252,7 +298,7 @@ pub async fn broadcast(
         j,
         &sample,
         Some(shared.latency()),
-        publish_time,
+        start.until(ended),
     ))
 }
 
@@ -271,7 +317,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
     let mut sample = Sample::start(&common.server_pids);
     let fleet = connect_all(&common, &target, plans, &shared).await?;
     let connect_time = fleet.connect_time;
-    sample.connected();
+    sample.connected(n);
 
     // Each publisher owns every P-th user, so that one user's messages stay in order.
     let publishers = 4.min(n);
@@ -280,7 +326,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let errors = Arc::new(AtomicU64::new(0));
     let pad = Arc::new(padding(&opts));
-    let start = tokio::time::Instant::now();
+    let start = Schedule::now();
     let mut workers = Vec::new();
     for w in 0..publishers {
         let (sink, counts, errors, pad) =
@@ -289,10 +335,10 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
         let users = (n - w).div_ceil(publishers);
         workers.push(tokio::spawn(async move {
             for k in 0..mine {
-                pace(start, k, per).await;
+                let due = start.pace(k, per).await;
                 let user = w + publishers * rand::rng().random_range(0..users);
                 let seq = counts[user].load(Ordering::Relaxed);
-                let data = message(seq, now_us(), &pad, "");
+                let data = message(seq, due, &pad, "");
                 match sink.publish(&format!("user:lt{user}"), None, &data).await {
                     Ok(()) => {
                         counts[user].fetch_add(1, Ordering::Relaxed);
@@ -313,7 +359,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
     let publish_time = start.elapsed();
     let published: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     let s2 = shared.clone();
-    let seen = fleet
+    let (seen, ended) = fleet
         .finish(Duration::from_secs(common.grace), move || {
             s2.delivered.load(Ordering::Relaxed) >= published
         })
@@ -326,6 +372,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
         "published": published,
         "publish_errors": errors.load(Ordering::Relaxed),
         "publish_seconds": publish_time.as_secs_f64(),
+        "published_per_second": published as f64 / publish_time.as_secs_f64(),
     });
     merge(&mut j, tally(&seen, |i| counts[i].load(Ordering::Relaxed)));
     Ok(Report::new(
@@ -335,7 +382,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
         j,
         &sample,
         Some(shared.latency()),
-        publish_time,
+        start.until(ended),
     ))
 }
 
@@ -363,14 +410,14 @@ pub async fn job_progress(
     let mut sample = Sample::start(&common.server_pids);
     let fleet = connect_all(&common, &target, plans, &shared).await?;
     let connect_time = fleet.connect_time;
-    sample.connected();
+    sample.connected(clients);
 
     let steps = (common.duration * 1000 / interval_ms).max(1);
     let interval = Duration::from_millis(interval_ms);
     let errors = Arc::new(AtomicU64::new(0));
     let published = Arc::new(AtomicU64::new(0));
     let pad = Arc::new(padding(&opts));
-    let start = tokio::time::Instant::now();
+    let start = Schedule::now();
     let mut tasks = Vec::with_capacity(jobs);
     for j in 0..jobs {
         let (sink, errors, published, pad) =
@@ -380,7 +427,7 @@ pub async fn job_progress(
         let offset = interval.mul_f64(j as f64 / jobs as f64);
         tasks.push(tokio::spawn(async move {
             for step in 0..=steps {
-                tokio::time::sleep_until(start + offset + interval * step as u32).await;
+                let due = start.wait(offset + interval * step as u32).await;
                 let (event, extra) = if step == steps {
                     ("completed", r#","status":"succeeded""#.to_string())
                 } else {
@@ -389,7 +436,7 @@ pub async fn job_progress(
                         format!(r#","status":"running","pct":{}"#, step * 100 / steps),
                     )
                 };
-                let data = message(step, now_us(), &pad, &extra);
+                let data = message(step, due, &pad, &extra);
                 match sink.publish(&channel, Some(event), &data).await {
                     Ok(()) => {
                         published.fetch_add(1, Ordering::Relaxed);
@@ -410,7 +457,7 @@ pub async fn job_progress(
     let publish_time = start.elapsed();
     let expected = (steps + 1) * clients as u64;
     let s2 = shared.clone();
-    let seen = fleet
+    let (seen, ended) = fleet
         .finish(Duration::from_secs(common.grace), move || {
             s2.delivered.load(Ordering::Relaxed) >= expected
                 && s2.completed.load(Ordering::Relaxed) >= clients as u64
@@ -438,7 +485,7 @@ pub async fn job_progress(
         j,
         &sample,
         Some(shared.latency()),
-        publish_time,
+        start.until(ended),
     ))
 }
 
@@ -450,13 +497,19 @@ pub async fn churn(common: Common, rate: u32, channel: Option<String>) -> anyhow
     let failed = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut sample = Sample::start(&common.server_pids);
-    sample.connected();
-    let start = tokio::time::Instant::now();
-    let end = start + Duration::from_secs(common.duration);
+    sample.connected(0);
+    let start = Schedule::now();
+    let end = start.start + Duration::from_secs(common.duration);
+    let total = rate as u64 * common.duration;
     let mut started = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
-    while tokio::time::Instant::now() < end {
-        pace(start, started, rate as f64).await;
+    while started < total {
+        start.pace(started, rate as f64).await;
+        // Behind schedule past the end (the limit of concurrent cycles held it back):
+        // stop starting cycles.
+        if tokio::time::Instant::now() >= end {
+            break;
+        }
         let Ok(permit) = tokio::time::timeout_at(end, gate.clone().acquire_owned()).await else {
             break;
         };
@@ -510,6 +563,8 @@ pub async fn churn(common: Common, rate: u32, channel: Option<String>) -> anyhow
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    // Cycles still running this long after the last one started: neither ok nor failed.
+    let aborted = tasks.len();
     tasks.abort_all();
     // Let the server finish closing before its memory is read.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -521,6 +576,7 @@ pub async fn churn(common: Common, rate: u32, channel: Option<String>) -> anyhow
         "cycles_started": started,
         "cycles_ok": ok,
         "cycles_failed": failed.load(Ordering::Relaxed),
+        "cycles_aborted": aborted,
         "first_error": *first_error.lock().unwrap_or_else(|e| e.into_inner()),
         "cycles_per_second": ok as f64 / load_time.as_secs_f64(),
         "latency_measures": "connect → subscribed",
@@ -561,12 +617,12 @@ pub async fn idle(common: Common, channel: Option<String>) -> anyhow::Result<Rep
     let connect_time = fleet.connect_time;
     // Let the server settle (allocator, deferred work) before its memory is read.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    sample.connected();
+    sample.connected(common.clients);
     let hold = Instant::now();
     tokio::time::sleep(Duration::from_secs(common.duration)).await;
     let still_open = fleet.tasks.iter().filter(|t| !t.is_finished()).count();
     let held = hold.elapsed();
-    let seen = fleet.finish(Duration::ZERO, || true).await;
+    let (seen, _) = fleet.finish(Duration::ZERO, || true).await;
     sample.finished();
     let closed: Vec<&String> = seen
         .iter()

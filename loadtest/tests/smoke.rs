@@ -74,6 +74,7 @@ fn assert_no_loss(r: &Value, expected: u64) {
     assert_eq!(r["lost"], 0, "{r}");
     assert_eq!(r["extra"], 0, "{r}");
     assert_eq!(r["out_of_order"], 0, "{r}");
+    assert_eq!(r["clients_unfinished"], 0, "{r}");
     assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["latency_ms"]["count"], expected, "{r}");
 }
@@ -192,9 +193,11 @@ async fn churn_and_idle_on_the_embedded_broker() {
     )
     .await;
     assert_eq!(r["cycles_failed"], 0, "{r}");
-    let ok = r["cycles_ok"].as_u64().unwrap();
-    assert!((90..=101).contains(&ok), "{r}");
-    assert_eq!(r["latency_ms"]["count"], ok, "{r}");
+    assert_eq!(r["cycles_aborted"], 0, "{r}");
+    // Exactly rate × duration cycles: every one of them completes on this small scale.
+    assert_eq!(r["cycles_started"], 100, "{r}");
+    assert_eq!(r["cycles_ok"], 100, "{r}");
+    assert_eq!(r["latency_ms"]["count"], 100, "{r}");
 
     let r = run(&node, &["idle", "--clients", "200", "--duration", "1"]).await;
     assert_eq!(r["still_connected_at_end"], 200, "{r}");
