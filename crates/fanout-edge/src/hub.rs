@@ -8,12 +8,12 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
-use bytes::Bytes;
 use fanout_protocol::{CloseCode, Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::HistoryRead;
 use crate::metrics as m;
+use crate::outbox::Frame;
 pub use crate::outbox::Outbox;
 
 pub type SessionId = u64;
@@ -85,7 +85,7 @@ pub struct Subscriber {
 impl Subscriber {
     /// Queues a message frame of `channel`.
     // hot path: no allocation, no lock (unless the connection conflates and overflowed).
-    fn message(&self, channel: &Arc<str>, frame: Bytes, replay: bool) -> bool {
+    fn message(&self, channel: &Arc<str>, frame: impl Into<Frame>, replay: bool) -> bool {
         if self.conflate {
             self.outbox.push_channel(channel, frame, true, replay)
         } else if replay {
@@ -97,7 +97,7 @@ impl Subscriber {
 
     /// Queues a notice about `channel` (`subscribed`, `unsubscribed`): after the
     /// channel's messages, never replacing them.
-    fn notice(&self, channel: &Arc<str>, frame: Bytes) -> bool {
+    fn notice(&self, channel: &Arc<str>, frame: impl Into<Frame>) -> bool {
         if self.conflate {
             self.outbox.push_channel(channel, frame, false, false)
         } else {
@@ -266,8 +266,8 @@ pub enum Joined {
 struct Encoded<'a> {
     channel: &'a str,
     envelope: &'a Envelope,
-    json: Option<Bytes>,
-    msgpack: Option<Bytes>,
+    json: Option<Frame>,
+    msgpack: Option<Frame>,
 }
 
 impl<'a> Encoded<'a> {
@@ -280,12 +280,12 @@ impl<'a> Encoded<'a> {
         }
     }
 
-    fn frame(&mut self, codec: Codec) -> Bytes {
+    fn frame(&mut self, codec: Codec) -> Frame {
         let (slot, codec) = match codec {
             Codec::Json => (&mut self.json, Codec::Json),
             Codec::MsgPack => (&mut self.msgpack, Codec::MsgPack),
         };
-        slot.get_or_insert_with(|| self.envelope.encode_message(self.channel, codec))
+        slot.get_or_insert_with(|| Arc::new(self.envelope.encode_message(self.channel, codec)))
             .clone()
     }
 }
@@ -293,8 +293,8 @@ impl<'a> Encoded<'a> {
 /// A control frame for many subscribers, encoded at most once per codec.
 struct Notice<'a> {
     frame: ServerFrame<'a>,
-    json: Option<Bytes>,
-    msgpack: Option<Bytes>,
+    json: Option<Frame>,
+    msgpack: Option<Frame>,
 }
 
 impl<'a> Notice<'a> {
@@ -306,12 +306,12 @@ impl<'a> Notice<'a> {
         }
     }
 
-    fn frame(&mut self, codec: Codec) -> Bytes {
+    fn frame(&mut self, codec: Codec) -> Frame {
         let slot = match codec {
             Codec::Json => &mut self.json,
             Codec::MsgPack => &mut self.msgpack,
         };
-        slot.get_or_insert_with(|| codec.encode(&self.frame))
+        slot.get_or_insert_with(|| Arc::new(codec.encode(&self.frame)))
             .clone()
     }
 }

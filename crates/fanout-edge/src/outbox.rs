@@ -13,10 +13,12 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use fanout_protocol::CloseCode;
-use tokio::sync::{mpsc, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 use crate::hub::Control;
 use crate::metrics as m;
@@ -41,15 +43,19 @@ pub struct QueueLimits {
     pub replay_bytes: usize,
 }
 
-/// A queued frame, and which budget it counts against.
-struct Item {
-    frame: Bytes,
-    replay: bool,
+/// An encoded frame, shared by every connection it goes to. A thin pointer, so that a
+/// queue slot is two words: tokio's queue allocates 32 slots per connection up front.
+pub type Frame = Arc<Bytes>;
+
+/// A queued frame, by the budget it counts against.
+enum Item {
+    Live(Frame),
+    Replay(Frame),
 }
 
 /// What the writer sends next.
 pub struct Outgoing {
-    pub frame: Bytes,
+    pub frame: Frame,
     /// A pong control frame, not a data frame.
     pub pong: bool,
 }
@@ -59,7 +65,7 @@ pub struct Outgoing {
 /// `unsubscribed`) are kept, in order.
 struct Slot {
     channel: Arc<str>,
-    frames: Vec<Bytes>,
+    frames: Vec<Frame>,
     last_replaceable: bool,
 }
 
@@ -82,7 +88,9 @@ struct State {
     /// growing queue (RFC 6455 §5.5.3 allows answering only the latest ping).
     pong: Mutex<Option<Bytes>>,
     pong_waiting: AtomicBool,
-    wake: Notify,
+    /// The writer, waiting: woken for what does not go through the queue (a pong, a
+    /// conflation slot).
+    wake: AtomicWaker,
 }
 
 impl State {
@@ -117,11 +125,11 @@ pub struct Inbox {
     rx: mpsc::UnboundedReceiver<Item>,
     state: Arc<State>,
     /// Frames of a conflation slot being written.
-    current: VecDeque<Bytes>,
+    current: VecDeque<Frame>,
 }
 
 enum Refused {
-    Full(&'static str, Bytes),
+    Full(&'static str, Frame),
     Closed,
 }
 
@@ -140,7 +148,7 @@ impl Outbox {
             pending: Mutex::new(Vec::new()),
             pong: Mutex::new(None),
             pong_waiting: AtomicBool::new(false),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         (
             Outbox {
@@ -155,7 +163,7 @@ impl Outbox {
         )
     }
 
-    fn enqueue(&self, frame: Bytes, replay: bool) -> Result<(), Refused> {
+    fn enqueue(&self, frame: Frame, replay: bool) -> Result<(), Refused> {
         let s = &self.state;
         // Once the connection is condemned nothing more is queued: a client must never
         // see a later message after one it missed.
@@ -172,7 +180,12 @@ impl Outbox {
         messages.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
-        if self.tx.send(Item { frame, replay }).is_err() {
+        let item = if replay {
+            Item::Replay(frame)
+        } else {
+            Item::Live(frame)
+        };
+        if self.tx.send(item).is_err() {
             messages.fetch_sub(1, Ordering::Relaxed);
             bytes.fetch_sub(len, Ordering::Relaxed);
             QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
@@ -181,7 +194,7 @@ impl Outbox {
         Ok(())
     }
 
-    fn try_push(&self, frame: Bytes) -> Result<(), Refused> {
+    fn try_push(&self, frame: Frame) -> Result<(), Refused> {
         let s = &self.state;
         if s.live_messages.load(Ordering::Relaxed) >= s.limits.messages {
             return Err(Refused::Full("messages", frame));
@@ -195,9 +208,9 @@ impl Outbox {
 
     /// Queues a frame without waiting. A full queue marks the connection a slow
     /// consumer and closes it with 4009; returns whether the frame was queued.
-    // hot path: no allocation per subscriber (Bytes is a reference count).
-    pub fn push(&self, frame: Bytes) -> bool {
-        match self.try_push(frame) {
+    // hot path: no allocation per subscriber (a Frame is a reference count).
+    pub fn push(&self, frame: impl Into<Frame>) -> bool {
+        match self.try_push(frame.into()) {
             Ok(()) => true,
             Err(Refused::Full(limit, _)) => {
                 self.slow(limit);
@@ -216,10 +229,11 @@ impl Outbox {
     pub fn push_channel(
         &self,
         channel: &Arc<str>,
-        frame: Bytes,
+        frame: impl Into<Frame>,
         replaceable: bool,
         replay: bool,
     ) -> bool {
+        let frame = frame.into();
         if self.state.slow.load(Ordering::Relaxed) {
             return false;
         }
@@ -254,7 +268,7 @@ impl Outbox {
                 });
                 self.state.conflating.store(true, Ordering::Release);
                 drop(pending);
-                self.state.wake.notify_one();
+                self.state.wake.wake();
                 true
             }
         }
@@ -274,14 +288,15 @@ impl Outbox {
         if !s.slow.load(Ordering::Relaxed) {
             *s.pong.lock().unwrap_or_else(PoisonError::into_inner) = Some(payload);
             s.pong_waiting.store(true, Ordering::Release);
-            s.wake.notify_one();
+            s.wake.wake();
         }
     }
 
     /// Queues a frame the node replays (recovery, gap repair): on top of the live
     /// bound, within the replay budget. Past the budget the connection is closed
     /// with 4009 (it recovers by reconnecting with `since`).
-    pub fn push_replay(&self, frame: Bytes) -> bool {
+    pub fn push_replay(&self, frame: impl Into<Frame>) -> bool {
+        let frame = frame.into();
         if !self.replay_fits(1, frame.len()) {
             self.slow("replay");
             return false;
@@ -320,23 +335,19 @@ impl Outbox {
 impl Inbox {
     fn taken(&self, item: Item) -> Outgoing {
         let s = &self.state;
-        let len = item.frame.len();
-        let (messages, bytes) = if item.replay {
-            (&s.replay_messages, &s.replay_bytes)
-        } else {
-            (&s.live_messages, &s.live_bytes)
+        let (frame, messages, bytes) = match item {
+            Item::Replay(frame) => (frame, &s.replay_messages, &s.replay_bytes),
+            Item::Live(frame) => (frame, &s.live_messages, &s.live_bytes),
         };
+        let len = frame.len();
         messages.fetch_sub(1, Ordering::Relaxed);
         bytes.fetch_sub(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
-        Outgoing {
-            frame: item.frame,
-            pong: false,
-        }
+        Outgoing { frame, pong: false }
     }
 
     /// The frames of the oldest conflation slot, once the queue has drained.
-    fn take_pending(&mut self) -> Option<Bytes> {
+    fn take_pending(&mut self) -> Option<Frame> {
         if !self.state.conflating.load(Ordering::Acquire) {
             return None;
         }
@@ -367,7 +378,10 @@ impl Inbox {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
-        Some(Outgoing { frame, pong: true })
+        Some(Outgoing {
+            frame: Arc::new(frame),
+            pong: true,
+        })
     }
 
     /// The next frame without waiting: a pong first, then a slot being written, then
@@ -389,19 +403,28 @@ impl Inbox {
     /// The next frame without waiting (its bytes).
     #[cfg(test)]
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        self.try_next().map(|o| o.frame)
+        self.try_next().map(|o| Bytes::clone(&o.frame))
     }
 
-    /// The next frame; `None` once every [`Outbox`] is gone.
+    /// The next frame; `None` once every [`Outbox`] is gone. (Polled by hand: every
+    /// connection's writer holds this future while it waits, so it is kept to a word.)
     pub async fn next(&mut self) -> Option<Outgoing> {
-        loop {
-            if let Some(frame) = self.try_next() {
-                return Some(frame);
-            }
-            tokio::select! {
-                item = self.rx.recv() => return Some(self.taken(item?)),
-                _ = self.state.wake.notified() => {}
-            }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+        if let Some(frame) = self.try_next() {
+            return Poll::Ready(Some(frame));
+        }
+        self.state.wake.register(cx.waker());
+        // A pong or a slot filled before the registration is seen here.
+        if let Some(frame) = self.try_next() {
+            return Poll::Ready(Some(frame));
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => Poll::Ready(Some(self.taken(item))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -540,9 +563,9 @@ mod tests {
         let a: Arc<str> = Arc::from("c:a");
         assert!(o.push_channel(&a, Bytes::from_static(b"1"), true, false));
         assert!(o.push_channel(&a, Bytes::from_static(b"2"), true, false));
-        assert_eq!(i.next().await.unwrap().frame, Bytes::from_static(b"1"));
-        assert_eq!(i.next().await.unwrap().frame, Bytes::from_static(b"2"));
-        let writer = tokio::spawn(async move { i.next().await.map(|o| o.frame) });
+        assert_eq!(*i.next().await.unwrap().frame, Bytes::from_static(b"1"));
+        assert_eq!(*i.next().await.unwrap().frame, Bytes::from_static(b"2"));
+        let writer = tokio::spawn(async move { i.next().await.map(|o| Bytes::clone(&o.frame)) });
         tokio::task::yield_now().await;
         assert!(o.push_channel(&a, Bytes::from_static(b"3"), true, false));
         assert_eq!(writer.await.unwrap().unwrap(), Bytes::from_static(b"3"));
@@ -559,10 +582,10 @@ mod tests {
         assert_eq!(o.queued(), 1, "pongs count against no budget");
         let p = i.try_next().unwrap();
         assert!(p.pong);
-        assert_eq!(p.frame, Bytes::from_static(b"ping-9999"));
+        assert_eq!(*p.frame, Bytes::from_static(b"ping-9999"));
         let m = i.try_next().unwrap();
         assert!(!m.pong);
-        assert_eq!(m.frame, Bytes::from_static(b"m"));
+        assert_eq!(*m.frame, Bytes::from_static(b"m"));
         assert!(i.try_next().is_none());
         assert_eq!(o.control().code(), None);
         assert_eq!(o.queued(), 0);
@@ -571,7 +594,8 @@ mod tests {
     #[tokio::test]
     async fn next_wakes_for_a_pong() {
         let (o, mut i) = outbox(1, 1 << 20);
-        let writer = tokio::spawn(async move { i.next().await.map(|o| (o.pong, o.frame)) });
+        let writer =
+            tokio::spawn(async move { i.next().await.map(|o| (o.pong, Bytes::clone(&o.frame))) });
         tokio::task::yield_now().await;
         o.push_pong(Bytes::from_static(b"p"));
         assert_eq!(

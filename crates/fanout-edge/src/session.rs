@@ -6,7 +6,10 @@
 //! the hub: the hub only ever pushes into its outbox.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -161,6 +164,23 @@ enum Read {
     Nothing,
 }
 
+/// What a connection waits for besides the client's next frame.
+#[derive(Clone, Copy)]
+enum Due {
+    /// The first frame must authenticate by then.
+    Auth(Instant),
+    /// The token expires then.
+    Expiry(Instant),
+}
+
+impl Due {
+    fn at(self) -> Instant {
+        match self {
+            Due::Auth(at) | Due::Expiry(at) => at,
+        }
+    }
+}
+
 impl Session {
     async fn read_loop(&mut self, input: &mut Input) {
         let limits = &self.shared.settings.limits;
@@ -172,43 +192,52 @@ impl Session {
         // Skipping the rest of a fragmented message whose earlier piece was refused.
         let mut discarding = false;
         loop {
-            let expiry = self.expiry_deadline();
-            let authed = self.principal.is_some();
+            // One timer for the nearest of: authentication due (or the token's
+            // expiry, once authenticated) and the client's silence. One, not three:
+            // every connection's task carries it.
+            let due = if self.principal.is_some() {
+                Due::Expiry(self.expiry_deadline())
+            } else {
+                Due::Auth(auth_deadline)
+            };
+            let silent = Instant::now() + idle;
             let frame = tokio::select! {
                 biased;
                 _ = self.control.cancelled() => return,
-                _ = sleep_until(auth_deadline), if !authed => {
-                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
-                    self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
+                _ = sleep_until(due.at().min(silent)) => {
+                    match due {
+                        Due::Auth(at) if Instant::now() >= at => {
+                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
+                            self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
+                        }
+                        Due::Expiry(at) if Instant::now() >= at => {
+                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
+                            self.control.close(CloseCode::TokenExpired);
+                        }
+                        _ => {
+                            tracing::debug!(session = self.id, "client silent for too long; dropping");
+                            self.control.abort();
+                        }
+                    }
                     return;
                 }
-                _ = sleep_until(expiry), if authed => {
-                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
-                    self.control.close(CloseCode::TokenExpired);
-                    return;
-                }
-                r = tokio::time::timeout(idle, input.read_frame()) => r,
+                r = input.read_frame() => r,
             };
             let read = match frame {
-                Err(_) => {
-                    tracing::debug!(session = self.id, "client silent for too long; dropping");
-                    self.control.abort();
-                    return;
-                }
-                Ok(Err(WebSocketError::FrameTooLarge)) => {
+                Err(WebSocketError::FrameTooLarge) => {
                     self.control.close(CloseCode::TooBig);
                     return;
                 }
-                Ok(Err(WebSocketError::UnexpectedEOF)) | Ok(Err(WebSocketError::IoError(_))) => {
+                Err(WebSocketError::UnexpectedEOF) | Err(WebSocketError::IoError(_)) => {
                     self.control.abort();
                     return;
                 }
-                Ok(Err(error)) => {
+                Err(error) => {
                     tracing::debug!(session = self.id, %error, "protocol error");
                     self.control.close(CloseCode::ProtocolError);
                     return;
                 }
-                Ok(Ok(frame)) if frame.opcode != OpCode::Close && !self.admit_frame() => {
+                Ok(frame) if frame.opcode != OpCode::Close && !self.admit_frame() => {
                     // Refused by the rate limit (error sent, strike counted). A refused
                     // piece of a fragmented message drops the whole message.
                     if self.control.is_cancelled() {
@@ -224,11 +253,11 @@ impl Session {
                     }
                     Read::Nothing
                 }
-                Ok(Ok(frame)) if discarding && frame.opcode == OpCode::Continuation => {
+                Ok(frame) if discarding && frame.opcode == OpCode::Continuation => {
                     discarding = !frame.fin;
                     Read::Nothing
                 }
-                Ok(Ok(frame)) => match frame.opcode {
+                Ok(frame) => match frame.opcode {
                     OpCode::Text | OpCode::Binary => {
                         discarding = false;
                         let binary = frame.opcode == OpCode::Binary;
@@ -853,18 +882,37 @@ async fn write_loop(
 /// close frame — or the connection is dropped. So the writer can never hang.
 async fn guarded(
     control: &Control,
-    write: impl std::future::Future<Output = std::io::Result<()>>,
+    write: impl Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
     tokio::pin!(write);
     tokio::select! {
         // The write first: it is usually done at once, and the token is not checked.
         biased;
         r = &mut write => r,
-        _ = control.cancelled() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        },
+        _ = control.cancelled() => within(CLOSE_GRACE, write).await,
     }
+}
+
+/// Runs `io` for at most `limit` (then `TimedOut`). The timer is made (boxed) only if
+/// `io` does not finish at once: every connection's writer carries this future, and a
+/// timer inline would weigh on each of them.
+async fn within(
+    limit: Duration,
+    io: impl Future<Output = std::io::Result<()>>,
+) -> std::io::Result<()> {
+    tokio::pin!(io);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = io.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Writes `first` and whatever else is already queued (up to [`wire::BURST`] frames)
@@ -898,10 +946,7 @@ async fn flush_within(out: &mut Output, stall: Duration) -> std::io::Result<()> 
     if out.is_flushed() {
         return Ok(());
     }
-    match tokio::time::timeout(stall, out.flush()).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-    }
+    within(stall, out.flush()).await
 }
 
 /// The synchronous part of a burst: the frames are gathered on the stack, so that an

@@ -118,7 +118,11 @@ impl Input {
                 // Wait without a buffer, until a byte (or the end) is there: readiness
                 // alone stays set until a read would block, so `readable()` would not
                 // wait at all after a reader drained the socket.
-                self.socket.tcp.peek(&mut [0u8; 1]).await?;
+                std::future::poll_fn(|cx| {
+                    let mut byte = [0u8; 1];
+                    self.socket.tcp.poll_peek(cx, &mut ReadBuf::new(&mut byte))
+                })
+                .await?;
             }
             let source = Source {
                 socket: self.socket.clone(),
@@ -263,20 +267,26 @@ impl Output {
 
     /// Waits until everything written has gone to the socket, then lets the buffer go.
     /// Cancel-safe: dropped midway, it has lost nothing, and the next call goes on.
+    /// (Polled by hand, so that the future is a few words, not a readiness waiter.)
     pub async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
-            self.socket.tcp.writable().await?;
+            ready!(self.socket.tcp.poll_write_ready(cx))?;
             match self.socket.tcp.try_write(&self.pending) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.pending.advance(n),
+                // Readiness was stale: poll_write_ready waits again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         if self.pending.capacity() > 0 {
             self.pending = BytesMut::new();
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Whether everything written has gone to the socket.

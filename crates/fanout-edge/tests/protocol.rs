@@ -207,6 +207,27 @@ async fn bad_tokens_close_with_4001_and_expired_with_4004() {
 }
 
 #[tokio::test]
+async fn a_token_that_expires_mid_session_closes_4004_unless_refreshed() {
+    let node = start(None, &[]).await;
+    let short = token_with(json!({"sub": "8", "exp": now() + 2}));
+    let mut lapsing = connect(&node, &short).await;
+    let mut refreshed = connect(&node, &short).await;
+    let started = std::time::Instant::now();
+    let longer = token_with(json!({"sub": "8", "exp": now() + 60}));
+    refreshed
+        .send(json!({"type": "refresh", "id": 1, "token": longer}))
+        .await;
+    assert_eq!(refreshed.recv().await, json!({"type": "reply", "id": 1}));
+    assert_eq!(lapsing.expect_close().await, Some(4004));
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early");
+    // The refreshed connection outlives the first token.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    refreshed.send(json!({"type": "ping", "id": 2})).await;
+    assert_eq!(refreshed.recv().await, json!({"type": "pong", "id": 2}));
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn alg_is_pinned_hs256_token_against_rs256_key_is_refused() {
     // Only an RSA key is configured: an HS256 token (even one "signed" with the public
     // key's bytes, the classic confusion attack) must be refused.
