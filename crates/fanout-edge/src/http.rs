@@ -168,13 +168,7 @@ fn upgrade(
         token,
         refuse,
     };
-    tracker.spawn(async move {
-        let _guard = guard;
-        match fut.await {
-            Ok(ws) => session::run(shared, ws.into_inner(), handshake).await,
-            Err(error) => tracing::debug!(%error, "upgrade failed"),
-        }
-    });
+    tracker.spawn(session::run(shared, fut, handshake, guard));
     let (mut parts, _) = response.into_parts();
     if offered.is_some() {
         parts.headers.insert(

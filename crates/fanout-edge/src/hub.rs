@@ -189,6 +189,15 @@ impl ChannelState {
     fn is_empty(&self) -> bool {
         self.live.is_empty() && self.joining.is_empty()
     }
+
+    /// Adds a live subscriber. The first gets room for one, not four: most channels
+    /// (`user:<id>`, a job's few watchers) have one or few on a node.
+    fn make_live(&mut self, sub: Subscriber) {
+        if self.live.capacity() == 0 {
+            self.live.reserve_exact(1);
+        }
+        self.live.push(sub);
+    }
 }
 
 /// The most messages held for one channel during a repair; past it the oldest are
@@ -430,6 +439,10 @@ impl Hub {
             return Joined::Stale;
         }
         let Joining { sub, waiting, .. } = st.joining.swap_remove(i);
+        if st.joining.is_empty() {
+            // Joins are brief: an idle channel keeps no room for them.
+            st.joining = Vec::new();
+        }
         let name = st.name.clone();
         if stale {
             // Reads kept lagging what the node had dispatched (a lagging replica): the
@@ -449,7 +462,7 @@ impl Hub {
                 info,
             };
             sub.notice(&name, sub.codec.encode(&frame));
-            st.live.push(sub);
+            st.make_live(sub);
             return Joined::Live {
                 recovered: Some(false),
             };
@@ -541,7 +554,7 @@ impl Hub {
             self.drop_if_empty(channel, &st, &state);
             return Joined::Ended;
         }
-        st.live.push(sub);
+        st.make_live(sub);
         Joined::Live { recovered }
     }
 

@@ -63,10 +63,12 @@ impl Shared {
 
     pub(crate) fn register(&self, id: SessionId, user: &str, control: Arc<Control>) {
         let mut users = self.users.lock().expect("users lock");
-        users
-            .entry(user.to_string())
-            .or_default()
-            .push((id, control));
+        let sessions = users.entry(user.to_string()).or_default();
+        if sessions.capacity() == 0 {
+            // Most users have one connection on a node: room for one, not four.
+            sessions.reserve_exact(1);
+        }
+        sessions.push((id, control));
     }
 
     pub(crate) fn unregister(&self, id: SessionId, user: &str) {

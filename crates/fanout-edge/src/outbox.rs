@@ -56,8 +56,18 @@ enum Item {
 /// What the writer sends next.
 pub struct Outgoing {
     pub frame: Frame,
-    /// A pong control frame, not a data frame.
-    pub pong: bool,
+    pub kind: Kind,
+}
+
+/// What kind of WebSocket frame an [`Outgoing`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A text or binary frame, by the connection's codec.
+    Data,
+    /// A pong answering the client's ping.
+    Pong,
+    /// The node's ping (the connection's reader asks for one every ping interval).
+    Ping,
 }
 
 /// The frames of one conflating channel waiting beside the queue. Only a last frame
@@ -88,6 +98,8 @@ struct State {
     /// growing queue (RFC 6455 §5.5.3 allows answering only the latest ping).
     pong: Mutex<Option<Bytes>>,
     pong_waiting: AtomicBool,
+    /// A ping to send.
+    ping_waiting: AtomicBool,
     /// The writer, waiting: woken for what does not go through the queue (a pong, a
     /// conflation slot).
     wake: AtomicWaker,
@@ -148,6 +160,7 @@ impl Outbox {
             pending: Mutex::new(Vec::new()),
             pong: Mutex::new(None),
             pong_waiting: AtomicBool::new(false),
+            ping_waiting: AtomicBool::new(false),
             wake: AtomicWaker::new(),
         });
         (
@@ -292,6 +305,17 @@ impl Outbox {
         }
     }
 
+    /// Asks for a ping: it goes out before the next queued frame, so a connection busy
+    /// with messages still gets it (and its client's pong keeps it from being taken
+    /// for silent). A ping not sent yet is not doubled.
+    pub fn push_ping(&self) {
+        let s = &self.state;
+        if !s.slow.load(Ordering::Relaxed) {
+            s.ping_waiting.store(true, Ordering::Release);
+            s.wake.wake();
+        }
+    }
+
     /// Queues a frame the node replays (recovery, gap repair): on top of the live
     /// bound, within the replay budget. Past the budget the connection is closed
     /// with 4009 (it recovers by reconnecting with `since`).
@@ -343,7 +367,10 @@ impl Inbox {
         messages.fetch_sub(1, Ordering::Relaxed);
         bytes.fetch_sub(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
-        Outgoing { frame, pong: false }
+        Outgoing {
+            frame,
+            kind: Kind::Data,
+        }
     }
 
     /// The frames of the oldest conflation slot, once the queue has drained.
@@ -367,10 +394,19 @@ impl Inbox {
         self.state.slow("stall");
     }
 
-    /// The pong asked for, if any.
-    fn take_pong(&mut self) -> Option<Outgoing> {
+    /// The ping or pong asked for, if any.
+    fn take_control(&mut self) -> Option<Outgoing> {
         let s = &self.state;
-        if !s.pong_waiting.swap(false, Ordering::Acquire) {
+        if s.ping_waiting.load(Ordering::Relaxed) && s.ping_waiting.swap(false, Ordering::Acquire) {
+            return Some(Outgoing {
+                frame: Frame::default(),
+                kind: Kind::Ping,
+            });
+        }
+        // Loaded before swapped: the writer asks per frame, and a load is cheaper.
+        if !(s.pong_waiting.load(Ordering::Relaxed)
+            && s.pong_waiting.swap(false, Ordering::Acquire))
+        {
             return None;
         }
         let frame = s
@@ -380,16 +416,19 @@ impl Inbox {
             .take()?;
         Some(Outgoing {
             frame: Arc::new(frame),
-            pong: true,
+            kind: Kind::Pong,
         })
     }
 
-    /// The next frame without waiting: a pong first, then a slot being written, then
-    /// the queue, then the conflation slots.
+    /// The next frame without waiting: a ping or pong first, then a slot being
+    /// written, then the queue, then the conflation slots.
     pub fn try_next(&mut self) -> Option<Outgoing> {
-        let data = |frame| Outgoing { frame, pong: false };
-        if let Some(pong) = self.take_pong() {
-            return Some(pong);
+        let data = |frame| Outgoing {
+            frame,
+            kind: Kind::Data,
+        };
+        if let Some(control) = self.take_control() {
+            return Some(control);
         }
         if let Some(frame) = self.current.pop_front() {
             return Some(data(frame));
@@ -417,7 +456,7 @@ impl Inbox {
             return Poll::Ready(Some(frame));
         }
         self.state.wake.register(cx.waker());
-        // A pong or a slot filled before the registration is seen here.
+        // A ping, pong or slot asked for before the registration is seen here.
         if let Some(frame) = self.try_next() {
             return Poll::Ready(Some(frame));
         }
@@ -581,10 +620,10 @@ mod tests {
         }
         assert_eq!(o.queued(), 1, "pongs count against no budget");
         let p = i.try_next().unwrap();
-        assert!(p.pong);
+        assert_eq!(p.kind, Kind::Pong);
         assert_eq!(*p.frame, Bytes::from_static(b"ping-9999"));
         let m = i.try_next().unwrap();
-        assert!(!m.pong);
+        assert_eq!(m.kind, Kind::Data);
         assert_eq!(*m.frame, Bytes::from_static(b"m"));
         assert!(i.try_next().is_none());
         assert_eq!(o.control().code(), None);
@@ -595,12 +634,12 @@ mod tests {
     async fn next_wakes_for_a_pong() {
         let (o, mut i) = outbox(1, 1 << 20);
         let writer =
-            tokio::spawn(async move { i.next().await.map(|o| (o.pong, Bytes::clone(&o.frame))) });
+            tokio::spawn(async move { i.next().await.map(|o| (o.kind, Bytes::clone(&o.frame))) });
         tokio::task::yield_now().await;
         o.push_pong(Bytes::from_static(b"p"));
         assert_eq!(
             writer.await.unwrap().unwrap(),
-            (true, Bytes::from_static(b"p"))
+            (Kind::Pong, Bytes::from_static(b"p"))
         );
     }
 }

@@ -7,9 +7,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,8 +26,8 @@ use crate::auth::{AuthError, Principal};
 use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
 use crate::hub::{Control, Join, Joined, SessionId, Subscriber};
 use crate::metrics as m;
-use crate::node::Shared;
-use crate::outbox::{Inbox, Outbox, Outgoing};
+use crate::node::{ConnectionGuard, Shared};
+use crate::outbox::{Inbox, Kind, Outbox, Outgoing};
 use crate::rules::Grant;
 use crate::wire::{self, Input, Out, Output};
 
@@ -48,97 +46,119 @@ pub(crate) struct Handshake {
     pub refuse: Option<CloseCode>,
 }
 
-/// Runs a connection to its end.
-pub(crate) async fn run(shared: Arc<Shared>, io: TokioIo<Upgraded>, handshake: Handshake) {
-    // Our listener serves plain TCP: take the socket back from hyper, to share it
-    // between the reader and the writer without a lock.
-    let (tcp, pre_read) = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => (parts.io.into_inner(), parts.read_buf),
-        Err(_) => {
+/// Runs a connection to its end, from the upgrade on. (The upgrade is awaited here,
+/// not in a wrapper around this: a wrapper's captures would stay in every
+/// connection's task.)
+// Not an `async fn` on purpose (see the block below).
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn run(
+    shared: Arc<Shared>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    handshake: Handshake,
+    guard: Option<ConnectionGuard>,
+) -> impl Future<Output = ()> + Send {
+    // A block, not an `async fn`: an async fn's arguments are stored twice in its
+    // future (as captured, then moved to locals), and every connection carries it.
+    async move {
+        // Held until the connection ends.
+        let _ = &guard;
+        let io: TokioIo<Upgraded> = match upgrade.await {
+            Ok(ws) => ws.into_inner(),
+            Err(error) => {
+                tracing::debug!(%error, "upgrade failed");
+                return;
+            }
+        };
+        // Our listener serves plain TCP: take the socket back from hyper, to share it
+        // between the reader and the writer without a lock.
+        let (tcp, pre_read) = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (parts.io.into_inner(), parts.read_buf),
+            Err(_) => {
+                metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
+                tracing::error!("bug: an upgraded connection is not a TCP stream; dropping it");
+                return;
+            }
+        };
+        let (mut input, output) =
+            wire::split(tcp, pre_read, shared.settings.limits.max_message_size);
+
+        let id = shared.next_session_id();
+        let control = Arc::new(Control::new(shared.shutdown.child_token()));
+        let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue(), control.clone());
+        let writer_task = tokio::spawn(write_loop(
+            output,
+            outbox_rx,
+            control.clone(),
+            shared.shutdown.clone(),
+            handshake.codec,
+            shared.settings.limits.silence_timeout(),
+        ));
+
+        metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
+        let mut session = Session {
+            id,
+            client: format!("{:016x}", rand::random::<u64>()),
+            shared: shared.clone(),
+            codec: handshake.codec,
+            outbox,
+            control: control.clone(),
+            principal: None,
+            channels: HashMap::new(),
+            bucket: TokenBucket::new(
+                shared.settings.limits.messages_per_second,
+                shared.settings.limits.message_burst,
+            ),
+            strikes: 0,
+            last_strike: std::time::Instant::now(),
+            client_closed: false,
+        };
+        if let Some(code) = handshake.refuse {
+            control.close(code);
+        } else if let Some(token) = handshake.token {
+            session.authenticate(&token, None);
+        }
+        // A bug while handling a frame ends this connection (1011) and nothing else; the
+        // cleanup below still runs.
+        // (Built in place: a future first bound to a local would be stored twice in this
+        // one, which every connection carries.)
+        let read = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+            session.read_loop(&mut input),
+        ))
+        .await;
+        if read.is_err() {
             metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
-            tracing::error!("bug: an upgraded connection is not a TCP stream; dropping it");
-            return;
+            tracing::error!(
+                session = id,
+                "bug: handling a client frame panicked; closing with 1011"
+            );
+            control.close(CloseCode::Internal);
         }
-    };
-    let (mut input, output) = wire::split(tcp, pre_read, shared.settings.limits.max_message_size);
-
-    let id = shared.next_session_id();
-    let control = Arc::new(Control::new(shared.shutdown.child_token()));
-    let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue(), control.clone());
-    let writer_task = tokio::spawn(write_loop(
-        output,
-        outbox_rx,
-        control.clone(),
-        shared.shutdown.clone(),
-        handshake.codec,
-        shared.settings.limits.ping_interval(),
-        shared.settings.limits.silence_timeout(),
-    ));
-
-    metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
-    let mut session = Session {
-        id,
-        client: format!("{:016x}", rand::random::<u64>()),
-        shared: shared.clone(),
-        codec: handshake.codec,
-        outbox,
-        control: control.clone(),
-        principal: None,
-        channels: HashMap::new(),
-        bucket: TokenBucket::new(
-            shared.settings.limits.messages_per_second,
-            shared.settings.limits.message_burst,
-        ),
-        strikes: 0,
-        last_strike: std::time::Instant::now(),
-        client_closed: false,
-    };
-    if let Some(code) = handshake.refuse {
-        control.close(code);
-    } else if let Some(token) = handshake.token {
-        session.authenticate(&token, None);
-    }
-    // A bug while handling a frame ends this connection (1011) and nothing else; the
-    // cleanup below still runs.
-    // (Built in place: a future first bound to a local would be stored twice in this
-    // one, which every connection carries.)
-    let read = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
-        session.read_loop(&mut input),
-    ))
-    .await;
-    if read.is_err() {
-        metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "session").increment(1);
-        tracing::error!(
-            session = id,
-            "bug: handling a client frame panicked; closing with 1011"
-        );
-        control.close(CloseCode::Internal);
-    }
-    session.cleanup();
-    // The writer ends within two grace periods of the cancel; never wait longer.
-    let abort = writer_task.abort_handle();
-    let close_sent = match tokio::time::timeout(CLOSE_GRACE * 3, writer_task).await {
-        Ok(Ok(sent)) => sent,
-        Ok(Err(_)) => false,
-        Err(_) => {
-            abort.abort();
-            false
+        session.cleanup();
+        // The writer ends within two grace periods of the cancel; never wait longer.
+        let abort = writer_task.abort_handle();
+        let close_sent = match tokio::time::timeout(CLOSE_GRACE * 3, writer_task).await {
+            Ok(Ok(sent)) => sent,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                abort.abort();
+                false
+            }
+        };
+        if close_sent && !session.client_closed {
+            // The node closed: let the client answer before the socket goes.
+            input.drain(CLOSE_DRAIN).await;
         }
-    };
-    if close_sent && !session.client_closed {
-        // The node closed: let the client answer before the socket goes.
-        input.drain(CLOSE_DRAIN).await;
+        // Label by known codes only: a client's own close code must not mint new series.
+        let code = match control.close_frame().map(|(c, _)| *c) {
+            _ if session.client_closed => "client".to_string(),
+            None if shared.shutdown.is_cancelled() => "1001".to_string(),
+            None => "none".to_string(),
+            Some(c) if c == 1000 || CloseCode::from_u16(c).is_some() => c.to_string(),
+            Some(_) => "other".to_string(),
+        };
+        metrics::counter!(m::DISCONNECTS_TOTAL, "code" => code.clone()).increment(1);
+        tracing::debug!(session = id, %code, "connection closed");
     }
-    // Label by known codes only: a client's own close code must not mint new series.
-    let code = match control.close_frame().map(|(c, _)| *c) {
-        _ if session.client_closed => "client".to_string(),
-        None if shared.shutdown.is_cancelled() => "1001".to_string(),
-        None => "none".to_string(),
-        Some(c) if c == 1000 || CloseCode::from_u16(c).is_some() => c.to_string(),
-        Some(_) => "other".to_string(),
-    };
-    metrics::counter!(m::DISCONNECTS_TOTAL, "code" => code.clone()).increment(1);
-    tracing::debug!(session = id, %code, "connection closed");
 }
 
 struct Session {
@@ -187,41 +207,61 @@ impl Session {
         let auth_deadline = Instant::now() + limits.auth_timeout();
         // A client silent for two ping intervals (it answers our pings) is gone.
         let idle = limits.silence_timeout();
+        let ping_interval = limits.ping_interval();
+        let mut ping_at = Instant::now() + ping_interval;
         let max = limits.max_message_size;
         let mut fragments: Option<(Vec<u8>, bool)> = None;
         // Skipping the rest of a fragmented message whose earlier piece was refused.
         let mut discarding = false;
         loop {
             // One timer for the nearest of: authentication due (or the token's
-            // expiry, once authenticated) and the client's silence. One, not three:
-            // every connection's task carries it.
+            // expiry, once authenticated), the client's silence, and our next ping.
+            // One, not three: every connection's task carries it (and the writer
+            // carries none).
             let due = if self.principal.is_some() {
                 Due::Expiry(self.expiry_deadline())
             } else {
                 Due::Auth(auth_deadline)
             };
             let silent = Instant::now() + idle;
-            let frame = tokio::select! {
-                biased;
-                _ = self.control.cancelled() => return,
-                _ = sleep_until(due.at().min(silent)) => {
-                    match due {
-                        Due::Auth(at) if Instant::now() >= at => {
-                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
-                            self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
+            let frame = {
+                // Kept across pings: a frame read halfway must not be dropped.
+                let read = input.read_frame();
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = self.control.cancelled() => return,
+                        _ = sleep_until(due.at().min(silent).min(ping_at)) => {
+                            let now = Instant::now();
+                            match due {
+                                Due::Auth(at) if now >= at => {
+                                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
+                                    self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
+                                    return;
+                                }
+                                Due::Expiry(at) if now >= at => {
+                                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
+                                    self.control.close(CloseCode::TokenExpired);
+                                    return;
+                                }
+                                _ if now >= silent => {
+                                    tracing::debug!(session = self.id, "client silent for too long; dropping");
+                                    self.control.abort();
+                                    return;
+                                }
+                                // The next interval starts now: a late ping is not
+                                // followed by a burst of missed ones.
+                                _ if now >= ping_at => {
+                                    self.outbox.push_ping();
+                                    ping_at = now + ping_interval;
+                                }
+                                _ => {}
+                            }
                         }
-                        Due::Expiry(at) if Instant::now() >= at => {
-                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
-                            self.control.close(CloseCode::TokenExpired);
-                        }
-                        _ => {
-                            tracing::debug!(session = self.id, "client silent for too long; dropping");
-                            self.control.abort();
-                        }
+                        r = &mut read => break r,
                     }
-                    return;
                 }
-                r = input.read_frame() => r,
             };
             let read = match frame {
                 Err(WebSocketError::FrameTooLarge) => {
@@ -794,163 +834,125 @@ impl Session {
 
 /// Writes the connection's frames until it ends; returns whether a close frame went
 /// out (then the client's answer is worth waiting for).
-async fn write_loop(
+#[allow(clippy::manual_async_fn)]
+fn write_loop(
     mut out: Output,
     mut outbox: Inbox,
     control: Arc<Control>,
     node_shutdown: CancellationToken,
     codec: Codec,
-    ping_interval: Duration,
     stall: Duration,
-) -> bool {
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    // After a long write, the next ping is an interval later, not a burst of missed ones.
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        // A close asked for with a code is seen here (an atomic load) even while frames
-        // keep coming. The cancellation token is polled only when there is nothing to
-        // write: checking it takes a mutex, which must not be paid per message.
-        if control.close_frame().is_some() {
-            break;
-        }
-        let result: std::io::Result<()> = tokio::select! {
-            biased;
-            // Pings first: a connection busy with messages still gets them, and its
-            // client's pongs keep the reader's idle timer from firing.
-            _ = ping.tick() => {
-                guarded(&control, send_within(&mut out, OpCode::Ping, &[], stall)).await
+) -> impl Future<Output = bool> + Send {
+    // A block, not an `async fn`: see `run`.
+    async move {
+        loop {
+            // A close asked for with a code is seen here (an atomic load) even while frames
+            // keep coming. The cancellation token is polled only when there is nothing to
+            // write: checking it takes a mutex, which must not be paid per message.
+            if control.close_frame().is_some() {
+                break;
             }
-            next = outbox.next() => {
-                let Some(first) = next else { return false };
-                guarded(&control, write_burst(&mut out, &mut outbox, first, codec, stall)).await
-            }
-            _ = control.cancelled() => break,
-        };
-        match result {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !control.is_cancelled() => {
-                // The client has read nothing for as long as a silent client is given:
-                // a slow consumer, told so (the close frame waits behind what is stuck,
-                // and the socket goes if it cannot be sent either).
-                outbox.stalled();
-            }
-            Err(_) => {
-                control.abort();
-                return false;
-            }
-        }
-    }
-    // A connection ended by the node's shutdown says 1001 even if nobody asked for a
-    // code (e.g. it had not authenticated yet).
-    let close = control.close_frame().cloned().or_else(|| {
-        node_shutdown.is_cancelled().then(|| {
-            (
-                CloseCode::GoingAway.code(),
-                CloseCode::GoingAway.reason().to_string(),
-            )
-        })
-    });
-    let Some((code, reason)) = close else {
-        return false;
-    };
-    {
-        // Boxed: only a closing connection carries this state.
-        let sent = tokio::time::timeout(
-            CLOSE_GRACE,
-            Box::pin(async {
-                // What is already queued (replies, messages) goes out before the close
-                // frame; not for a slow consumer, whose queue is the problem.
-                if code != CloseCode::SlowConsumer.code() {
-                    while let Some(first) = outbox.try_next() {
-                        write_burst(&mut out, &mut outbox, first, codec, CLOSE_GRACE).await?;
-                    }
+            // Written at once (one writev); waited for only if the socket pushed back.
+            // (Pings come through the outbox, ahead of queued frames.)
+            let written: std::io::Result<()> = tokio::select! {
+                biased;
+                next = outbox.next() => {
+                    let Some(first) = next else { return false };
+                    burst_now(&mut out, &mut outbox, first, codec)
                 }
-                let mut payload = code.to_be_bytes().to_vec();
-                payload.extend_from_slice(reason.as_bytes());
-                out.send(OpCode::Close, &payload).await?;
-                out.shutdown_write();
-                Ok::<(), std::io::Error>(())
-            }),
-        )
-        .await;
-        matches!(sent, Ok(Ok(())))
+                _ = control.cancelled() => break,
+            };
+            let result = match written {
+                // Boxed: only a connection whose socket is full carries this state.
+                Ok(()) if !out.is_flushed() => {
+                    Box::pin(flush_guarded(&mut out, &control, stall)).await
+                }
+                other => other,
+            };
+            match result {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && !control.is_cancelled() => {
+                    // The client has read nothing for as long as a silent client is given:
+                    // a slow consumer, told so (the close frame waits behind what is stuck,
+                    // and the socket goes if it cannot be sent either).
+                    outbox.stalled();
+                }
+                Err(_) => {
+                    control.abort();
+                    return false;
+                }
+            }
+        }
+        // A connection ended by the node's shutdown says 1001 even if nobody asked for a
+        // code (e.g. it had not authenticated yet).
+        let close = control.close_frame().cloned().or_else(|| {
+            node_shutdown.is_cancelled().then(|| {
+                (
+                    CloseCode::GoingAway.code(),
+                    CloseCode::GoingAway.reason().to_string(),
+                )
+            })
+        });
+        let Some((code, reason)) = close else {
+            return false;
+        };
+        {
+            // Boxed: only a closing connection carries this state.
+            let sent = tokio::time::timeout(
+                CLOSE_GRACE,
+                Box::pin(async {
+                    // What is already queued (replies, messages) goes out before the close
+                    // frame; not for a slow consumer, whose queue is the problem.
+                    if code != CloseCode::SlowConsumer.code() {
+                        while let Some(first) = outbox.try_next() {
+                            burst_now(&mut out, &mut outbox, first, codec)?;
+                            out.flush().await?;
+                        }
+                    }
+                    let mut payload = code.to_be_bytes().to_vec();
+                    payload.extend_from_slice(reason.as_bytes());
+                    out.send(OpCode::Close, &payload).await?;
+                    out.shutdown_write();
+                    Ok::<(), std::io::Error>(())
+                }),
+            )
+            .await;
+            matches!(sent, Ok(Ok(())))
+        }
     }
 }
 
-/// Runs a write. If the connection is closed meanwhile (a write stuck on a client that
+/// Waits until the socket has taken what was written, for at most `stall` (then
+/// `TimedOut`). If the connection is closed meanwhile (a write stuck on a client that
 /// does not read), the write gets [`CLOSE_GRACE`] to finish — then the loop sends the
 /// close frame — or the connection is dropped. So the writer can never hang.
-async fn guarded(
+async fn flush_guarded(
+    out: &mut Output,
     control: &Control,
-    write: impl Future<Output = std::io::Result<()>>,
+    stall: Duration,
 ) -> std::io::Result<()> {
-    tokio::pin!(write);
     tokio::select! {
-        // The write first: it is usually done at once, and the token is not checked.
+        // The write first: the token is checked only while it waits.
         biased;
-        r = &mut write => r,
-        _ = control.cancelled() => within(CLOSE_GRACE, write).await,
+        r = within(stall, out.flush()) => r,
+        _ = control.cancelled() => within(CLOSE_GRACE, out.flush()).await,
     }
 }
 
-/// Runs `io` for at most `limit` (then `TimedOut`). The timer is made (boxed) only if
-/// `io` does not finish at once: every connection's writer carries this future, and a
-/// timer inline would weigh on each of them.
+/// Runs `io` for at most `limit` (then `TimedOut`).
 async fn within(
     limit: Duration,
     io: impl Future<Output = std::io::Result<()>>,
 ) -> std::io::Result<()> {
-    tokio::pin!(io);
-    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = io.as_mut().poll(cx) {
-            return Poll::Ready(r);
-        }
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::ErrorKind::TimedOut.into())),
-            Poll::Pending => Poll::Pending,
-        }
-    })
-    .await
+    tokio::time::timeout(limit, io)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Writes `first` and whatever else is already queued (up to [`wire::BURST`] frames)
-/// with one `writev`, then waits until the socket has taken it all — for at most
-/// `stall` (then `TimedOut`).
-async fn write_burst(
-    out: &mut Output,
-    outbox: &mut Inbox,
-    first: Outgoing,
-    codec: Codec,
-    stall: Duration,
-) -> std::io::Result<()> {
-    burst_now(out, outbox, first, codec)?;
-    flush_within(out, stall).await
-}
-
-/// Writes one frame and waits, for at most `stall`, until the socket has taken it.
-async fn send_within(
-    out: &mut Output,
-    opcode: OpCode,
-    payload: &[u8],
-    stall: Duration,
-) -> std::io::Result<()> {
-    out.write(&[Out { opcode, payload }])?;
-    flush_within(out, stall).await
-}
-
-/// Waits until the socket has taken everything written, for at most `stall`. Usually
-/// it has at once, and no timer is set.
-async fn flush_within(out: &mut Output, stall: Duration) -> std::io::Result<()> {
-    if out.is_flushed() {
-        return Ok(());
-    }
-    within(stall, out.flush()).await
-}
-
-/// The synchronous part of a burst: the frames are gathered on the stack, so that an
-/// idle connection's task carries none of them.
+/// with one `writev`, without waiting: what the socket does not take waits in the
+/// output's buffer. The frames are gathered on the stack, so that an idle
+/// connection's task carries none of them.
 fn burst_now(
     out: &mut Output,
     outbox: &mut Inbox,
@@ -976,7 +978,11 @@ fn burst_now(
     }
     let outs: [Out<'_>; wire::BURST] = std::array::from_fn(|i| match &frames[i] {
         Some(o) => Out {
-            opcode: if o.pong { OpCode::Pong } else { data },
+            opcode: match o.kind {
+                Kind::Data => data,
+                Kind::Pong => OpCode::Pong,
+                Kind::Ping => OpCode::Ping,
+            },
             payload: &o.frame,
         },
         None => Out {

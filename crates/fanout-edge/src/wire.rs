@@ -99,7 +99,8 @@ impl AsyncRead for Source {
 /// The reading side.
 pub struct Input {
     socket: Arc<Socket>,
-    reader: Option<WebSocketRead<Source>>,
+    /// Boxed: made along with its buffer, and an idle connection holds neither.
+    reader: Option<Box<WebSocketRead<Source>>>,
     /// Bytes of the frames readers returned, in all.
     consumed: u64,
     /// Bytes hyper read ahead, handed over (and counted) by the first reader: it is
@@ -134,7 +135,7 @@ impl Input {
             r.set_auto_pong(false);
             // fastwebsockets refuses frames of `max` bytes or more: allow the limit.
             r.set_max_message_size(self.max_message_size + 1);
-            self.reader = Some(r);
+            self.reader = Some(Box::new(r));
         }
         let reader = self.reader.as_mut().expect("made above");
         let mut nothing_to_send = |_| std::future::ready(Ok::<(), io::Error>(()));

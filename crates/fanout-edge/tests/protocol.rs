@@ -219,7 +219,10 @@ async fn a_token_that_expires_mid_session_closes_4004_unless_refreshed() {
         .await;
     assert_eq!(refreshed.recv().await, json!({"type": "reply", "id": 1}));
     assert_eq!(lapsing.expect_close().await, Some(4004));
-    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early"
+    );
     // The refreshed connection outlives the first token.
     tokio::time::sleep(Duration::from_secs(2)).await;
     refreshed.send(json!({"type": "ping", "id": 2})).await;
