@@ -43,14 +43,48 @@ pub struct QueueLimits {
     pub replay_bytes: usize,
 }
 
-/// An encoded frame, shared by every connection it goes to. A thin pointer, so that a
-/// queue slot is two words: tokio's queue allocates 32 slots per connection up front.
+/// An encoded frame, shared by every connection it goes to: a thin pointer, so that a
+/// queue slot is one word (see [`Item`]).
 pub type Frame = Arc<Bytes>;
 
-/// A queued frame, by the budget it counts against.
-enum Item {
-    Live(Frame),
-    Replay(Frame),
+/// A queued frame and the budget it counts against, in one word: the frame's pointer,
+/// its lowest bit set for a replayed frame. (An enum would take two words, and tokio's
+/// queue allocates 32 slots per connection up front: this keeps 256 bytes off every
+/// connection.)
+struct Item(std::ptr::NonNull<Bytes>);
+
+// SAFETY: an Item owns one strong count of an `Arc<Bytes>`, which is Send.
+unsafe impl Send for Item {}
+
+impl Item {
+    const REPLAY: usize = 1;
+
+    fn new(frame: Frame, replay: bool) -> Item {
+        let ptr = Arc::into_raw(frame);
+        // `Bytes` is word-aligned, so the lowest bit of its address is free.
+        debug_assert_eq!(ptr as usize & Self::REPLAY, 0);
+        let tagged = ptr.map_addr(|a| a | if replay { Self::REPLAY } else { 0 });
+        Item(std::ptr::NonNull::new(tagged.cast_mut()).expect("Arc pointers are not null"))
+    }
+
+    /// The frame, and whether it was replayed.
+    fn into_parts(self) -> (Frame, bool) {
+        let tagged = self.0.as_ptr().cast_const();
+        std::mem::forget(self);
+        let replay = tagged.addr() & Self::REPLAY != 0;
+        // SAFETY: the untagged pointer is the one `Arc::into_raw` returned in `new`, and
+        // `self` (forgotten above) owned its count, which passes to the new Arc.
+        let frame = unsafe { Arc::from_raw(tagged.map_addr(|a| a & !Self::REPLAY)) };
+        (frame, replay)
+    }
+}
+
+impl Drop for Item {
+    fn drop(&mut self) {
+        let tagged = self.0.as_ptr().cast_const();
+        // SAFETY: as in `into_parts`; this Item is not used again.
+        drop(unsafe { Arc::from_raw(tagged.map_addr(|a| a & !Self::REPLAY)) });
+    }
 }
 
 /// What the writer sends next.
@@ -193,12 +227,7 @@ impl Outbox {
         messages.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(len, Ordering::Relaxed);
         QUEUED_BYTES.fetch_add(len, Ordering::Relaxed);
-        let item = if replay {
-            Item::Replay(frame)
-        } else {
-            Item::Live(frame)
-        };
-        if self.tx.send(item).is_err() {
+        if self.tx.send(Item::new(frame, replay)).is_err() {
             messages.fetch_sub(1, Ordering::Relaxed);
             bytes.fetch_sub(len, Ordering::Relaxed);
             QUEUED_BYTES.fetch_sub(len, Ordering::Relaxed);
@@ -359,9 +388,9 @@ impl Outbox {
 impl Inbox {
     fn taken(&self, item: Item) -> Outgoing {
         let s = &self.state;
-        let (frame, messages, bytes) = match item {
-            Item::Replay(frame) => (frame, &s.replay_messages, &s.replay_bytes),
-            Item::Live(frame) => (frame, &s.live_messages, &s.live_bytes),
+        let (frame, messages, bytes) = match item.into_parts() {
+            (frame, true) => (frame, &s.replay_messages, &s.replay_bytes),
+            (frame, false) => (frame, &s.live_messages, &s.live_bytes),
         };
         let len = frame.len();
         messages.fetch_sub(1, Ordering::Relaxed);
@@ -491,6 +520,31 @@ mod tests {
             replay_bytes: 1 << 20,
         };
         Outbox::new(limits, Arc::new(Control::new(CancellationToken::new())))
+    }
+
+    #[test]
+    fn a_queued_item_is_one_word_and_owns_its_frame() {
+        assert_eq!(std::mem::size_of::<Item>(), std::mem::size_of::<usize>());
+        let frame: Frame = Arc::new(Bytes::from_static(b"f"));
+        for replay in [false, true] {
+            let item = Item::new(frame.clone(), replay);
+            assert_eq!(Arc::strong_count(&frame), 2);
+            let (back, was_replay) = item.into_parts();
+            assert_eq!(was_replay, replay);
+            assert!(Arc::ptr_eq(&back, &frame));
+            drop(back);
+            assert_eq!(Arc::strong_count(&frame), 1);
+        }
+        // Dropped while queued: the count is given back.
+        drop(Item::new(frame.clone(), true));
+        assert_eq!(Arc::strong_count(&frame), 1);
+        let (o, i) = outbox(10, 1 << 20);
+        assert!(o.push(frame.clone()));
+        assert!(o.push_replay(frame.clone()));
+        assert_eq!(Arc::strong_count(&frame), 3);
+        drop(i);
+        drop(o);
+        assert_eq!(Arc::strong_count(&frame), 1);
     }
 
     #[test]

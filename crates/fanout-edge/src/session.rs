@@ -5,7 +5,6 @@
 //! close frame when the connection is closed from anywhere. The session never blocks
 //! the hub: the hub only ever pushes into its outbox.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +102,7 @@ pub(crate) fn run(
             outbox,
             control: control.clone(),
             principal: None,
-            channels: HashMap::new(),
+            channels: Channels::default(),
             bucket: TokenBucket::new(
                 shared.settings.limits.messages_per_second,
                 shared.settings.limits.message_burst,
@@ -169,7 +168,7 @@ struct Session {
     outbox: Outbox,
     control: Arc<Control>,
     principal: Option<Principal>,
-    channels: HashMap<Arc<str>, ()>,
+    channels: Channels,
     bucket: TokenBucket,
     strikes: u32,
     last_strike: std::time::Instant,
@@ -182,6 +181,33 @@ enum Read {
     Ping(Vec<u8>),
     Close(u16),
     Nothing,
+}
+
+/// A connection's subscriptions (at most `limits.max_subscriptions`, usually one or
+/// a few): a list, which holds only what it has, unlike a hash map.
+#[derive(Default)]
+struct Channels(Vec<Arc<str>>);
+
+impl Channels {
+    fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|c| &**c == name)
+    }
+
+    fn insert(&mut self, channel: Arc<str>) {
+        if self.0.capacity() == self.0.len() && self.0.len() < 4 {
+            self.0.reserve_exact(1);
+        }
+        self.0.push(channel);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<str>> {
+        let i = self.0.iter().position(|c| &**c == name)?;
+        Some(self.0.swap_remove(i))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// What a connection waits for besides the client's next frame.
@@ -523,14 +549,14 @@ impl Session {
         }
         // Subscriptions the hub ended (a finished job) are gone from the hub already.
         let (client, id_) = (self.client.clone(), self.id);
-        self.channels.retain(|c, ()| {
+        self.channels.0.retain(|c| {
             let live = shared.hub.contains(c, id_);
             if !live {
                 shared.presence.leave(c, &client);
             }
             live
         });
-        if self.channels.contains_key(name) {
+        if self.channels.contains(name) {
             return self.error(
                 id,
                 ErrorCode::BadRequest,
@@ -647,7 +673,7 @@ impl Session {
                         .presence
                         .join(channel.clone(), &self.client, info, join_leave);
                 }
-                self.channels.insert(channel, ());
+                self.channels.insert(channel);
             }
             Joined::Ended => {
                 metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1);
@@ -658,13 +684,13 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, id: Option<&FrameId>, name: &str) {
-        let removed = self.channels.remove_entry(name);
-        if let Some((channel, ())) = &removed {
+        let removed = self.channels.remove(name);
+        if let Some(channel) = &removed {
             // Also when the hub ended the subscription already (a finished job).
             self.shared.presence.leave(channel, &self.client);
         }
         match removed {
-            Some((channel, ())) if self.shared.hub.remove(&channel, self.id) => {
+            Some(channel) if self.shared.hub.remove(&channel, self.id) => {
                 // Nothing of it may follow the `unsubscribed` reply.
                 self.outbox.forget(&channel);
                 self.shared.subscriptions.release(channel);
@@ -699,7 +725,7 @@ impl Session {
         if let Err(r) = shared.settings.namespaces.check_publish(
             principal,
             &channel,
-            self.channels.contains_key(name),
+            self.channels.contains(name),
         ) {
             return self.error(id, r.code, &r.message);
         }
@@ -755,7 +781,7 @@ impl Session {
                 ),
             );
         }
-        if !self.channels.contains_key(name) {
+        if !self.channels.contains(name) {
             if let Err(r) =
                 shared
                     .settings
@@ -818,7 +844,7 @@ impl Session {
     }
 
     fn cleanup(&mut self) {
-        for (channel, ()) in self.channels.drain() {
+        for channel in std::mem::take(&mut self.channels.0) {
             self.shared.presence.leave(&channel, &self.client);
             if self.shared.hub.remove(&channel, self.id) {
                 self.shared.subscriptions.release(channel);
@@ -897,10 +923,10 @@ fn write_loop(
             return false;
         };
         {
-            // Boxed: only a closing connection carries this state.
-            let sent = tokio::time::timeout(
+            // Boxed, timer and all: only a closing connection carries this state.
+            let sent = Box::pin(tokio::time::timeout(
                 CLOSE_GRACE,
-                Box::pin(async {
+                async {
                     // What is already queued (replies, messages) goes out before the close
                     // frame; not for a slow consumer, whose queue is the problem.
                     if code != CloseCode::SlowConsumer.code() {
@@ -914,8 +940,8 @@ fn write_loop(
                     out.send(OpCode::Close, &payload).await?;
                     out.shutdown_write();
                     Ok::<(), std::io::Error>(())
-                }),
-            )
+                },
+            ))
             .await;
             matches!(sent, Ok(Ok(())))
         }
