@@ -13,7 +13,6 @@ use fanout_edge::hub::{Control, Hub, Join, Joined, Subscriber};
 use fanout_edge::outbox::{Inbox, Outbox, QueueLimits};
 use fanout_protocol::{Codec, Envelope};
 use jsonwebtoken::{encode, EncodingKey, Header};
-use tokio_util::sync::CancellationToken;
 
 const CHANNEL: &str = "job_progress:bench";
 /// Messages delivered between two drains of the subscribers' queues.
@@ -37,7 +36,7 @@ fn hub_with(n: usize) -> (Hub, Vec<Inbox>) {
     };
     let mut inboxes = Vec::with_capacity(n);
     for id in 0..n as u64 {
-        let control = Arc::new(Control::new(CancellationToken::new()));
+        let control = Arc::new(Control::new());
         let (outbox, inbox) = Outbox::new(limits, control);
         hub.join(
             Arc::from(CHANNEL),

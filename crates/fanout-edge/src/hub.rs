@@ -5,11 +5,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 
 use fanout_protocol::{CloseCode, Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
 
 use crate::broker::HistoryRead;
 use crate::metrics as m;
@@ -20,17 +20,35 @@ pub type SessionId = u64;
 
 /// How a connection is told to close, from anywhere (hub, admin API, drain, its own
 /// reader). The first close asked for wins.
+///
+/// Not a `CancellationToken`: a child token allocates a tree node per connection, and
+/// its wait future is nine words, which both of a connection's tasks would carry. The
+/// node reaches every connection through its session registry instead.
+#[derive(Default)]
 pub struct Control {
     close: OnceLock<(u16, String)>,
-    cancel: CancellationToken,
+    cancelled: AtomicBool,
+    /// The connection's reader and writer, each waiting for the cancel.
+    reader: AtomicWaker,
+    writer: AtomicWaker,
+}
+
+/// Which of a connection's two tasks waits.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    Reader,
+    Writer,
 }
 
 impl Control {
-    pub fn new(cancel: CancellationToken) -> Control {
-        Control {
-            close: OnceLock::new(),
-            cancel,
-        }
+    pub fn new() -> Control {
+        Control::default()
+    }
+
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.reader.wake();
+        self.writer.wake();
     }
 
     /// Closes the connection with a close frame carrying `code`.
@@ -41,13 +59,13 @@ impl Control {
     /// Closes with any code and reason (used to echo a client's close frame).
     pub fn close_raw(&self, code: u16, reason: String) {
         if self.close.set((code, reason)).is_ok() {
-            self.cancel.cancel();
+            self.cancel();
         }
     }
 
     /// Ends the connection without a close frame (the peer is gone).
     pub fn abort(&self) {
-        self.cancel.cancel();
+        self.cancel();
     }
 
     /// The close code asked for, if any.
@@ -60,12 +78,27 @@ impl Control {
         self.close.get()
     }
 
-    pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.cancel.cancelled()
+    /// Resolves once the connection is closed or aborted. One waiter per side.
+    pub fn cancelled(&self, side: Side) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.is_cancelled() {
+                return std::task::Poll::Ready(());
+            }
+            match side {
+                Side::Reader => self.reader.register(cx.waker()),
+                Side::Writer => self.writer.register(cx.waker()),
+            }
+            // A cancel between the check and the registration is seen here.
+            if self.is_cancelled() {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.cancelled.load(Ordering::Acquire)
     }
 }
 
@@ -882,7 +915,7 @@ mod tests {
     use crate::outbox::Inbox;
 
     fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, Inbox) {
-        let control = Arc::new(Control::new(CancellationToken::new()));
+        let control = Arc::new(Control::new());
         let limits = crate::outbox::QueueLimits {
             messages: cap,
             bytes: 1 << 20,

@@ -54,11 +54,29 @@ pub struct Shared {
     next_id: AtomicU64,
     connections: AtomicUsize,
     users: Mutex<UserRegistry>,
+    /// Every open session, authenticated or not: how shutdown reaches each one.
+    sessions: Mutex<HashMap<SessionId, Arc<Control>>>,
 }
 
 impl Shared {
-    pub(crate) fn next_session_id(&self) -> SessionId {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+    /// Registers a new session; returns its id. A session opened while the node shuts
+    /// down is closed (1001) at once.
+    pub(crate) fn open_session(&self, control: Arc<Control>) -> SessionId {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(id, control.clone());
+        // After the insert: `shutdown` cancels the token before it reads the registry,
+        // so a session is either in its sweep or sees the token here.
+        if self.shutdown.is_cancelled() {
+            control.close(CloseCode::GoingAway);
+        }
+        id
+    }
+
+    pub(crate) fn close_session(&self, id: SessionId) {
+        self.sessions.lock().expect("sessions lock").remove(&id);
     }
 
     pub(crate) fn register(&self, id: SessionId, user: &str, control: Arc<Control>) {
@@ -288,6 +306,7 @@ impl Node {
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
         });
         // Cluster-wide operations arrive on the control channel, which this node holds
         // for its whole life (resubscribed after reconnects like any channel).
@@ -404,15 +423,19 @@ impl Node {
         self.shared.draining.store(true, Ordering::Relaxed);
         self.accept.abort();
         let _ = self.accept.await;
-        {
-            let users = self.shared.users.lock().expect("users lock");
-            for list in users.values() {
-                for (_, control) in list {
-                    control.close(CloseCode::GoingAway);
-                }
-            }
-        }
         self.shared.shutdown.cancel();
+        // Every session, authenticated or not, closes with 1001.
+        let sessions: Vec<Arc<Control>> = self
+            .shared
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect();
+        for control in sessions {
+            control.close(CloseCode::GoingAway);
+        }
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         // The closed connections' leaves go out before Redis is let go.

@@ -171,7 +171,10 @@ pub struct Inbox {
     rx: mpsc::UnboundedReceiver<Item>,
     state: Arc<State>,
     /// Frames of a conflation slot being written.
-    current: VecDeque<Frame>,
+    /// (Boxed: rare, and the writer's task, which every connection has, carries it;
+    /// a box is one word where the deque is four.)
+    #[allow(clippy::box_collection)]
+    current: Option<Box<VecDeque<Frame>>>,
 }
 
 enum Refused {
@@ -205,7 +208,7 @@ impl Outbox {
             Inbox {
                 rx,
                 state,
-                current: VecDeque::new(),
+                current: None,
             },
         )
     }
@@ -409,13 +412,25 @@ impl Inbox {
         }
         let mut pending = self.state.pending();
         if !pending.is_empty() {
-            self.current.extend(pending.remove(0).frames);
+            self.current
+                .get_or_insert_with(Default::default)
+                .extend(pending.remove(0).frames);
         }
         if pending.is_empty() {
             self.state.conflating.store(false, Ordering::Release);
         }
         drop(pending);
-        self.current.pop_front()
+        self.pop_current()
+    }
+
+    /// The next frame of the conflation slot being written.
+    fn pop_current(&mut self) -> Option<Frame> {
+        let current = self.current.as_mut()?;
+        let frame = current.pop_front();
+        if current.is_empty() {
+            self.current = None;
+        }
+        frame
     }
 
     /// The socket has taken nothing for too long: the client is a slow consumer.
@@ -459,7 +474,7 @@ impl Inbox {
         if let Some(control) = self.take_control() {
             return Some(control);
         }
-        if let Some(frame) = self.current.pop_front() {
+        if let Some(frame) = self.pop_current() {
             return Some(data(frame));
         }
         match self.rx.try_recv() {
@@ -510,7 +525,6 @@ impl Drop for Inbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
 
     fn outbox(messages: usize, bytes: usize) -> (Outbox, Inbox) {
         let limits = QueueLimits {
@@ -519,7 +533,7 @@ mod tests {
             replay_messages: 100,
             replay_bytes: 1 << 20,
         };
-        Outbox::new(limits, Arc::new(Control::new(CancellationToken::new())))
+        Outbox::new(limits, Arc::new(Control::new()))
     }
 
     #[test]

@@ -19,11 +19,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, Principal};
 use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
-use crate::hub::{Control, Join, Joined, SessionId, Subscriber};
+use crate::hub::{Control, Join, Joined, SessionId, Side, Subscriber};
 use crate::metrics as m;
 use crate::node::{ConnectionGuard, Shared};
 use crate::outbox::{Inbox, Kind, Outbox, Outgoing};
@@ -81,14 +80,13 @@ pub(crate) fn run(
         let (mut input, output) =
             wire::split(tcp, pre_read, shared.settings.limits.max_message_size);
 
-        let id = shared.next_session_id();
-        let control = Arc::new(Control::new(shared.shutdown.child_token()));
+        let control = Arc::new(Control::new());
+        let id = shared.open_session(control.clone());
         let (outbox, outbox_rx) = Outbox::new(shared.settings.limits.queue(), control.clone());
         let writer_task = tokio::spawn(write_loop(
             output,
             outbox_rx,
             control.clone(),
-            shared.shutdown.clone(),
             handshake.codec,
             shared.settings.limits.silence_timeout(),
         ));
@@ -155,6 +153,7 @@ pub(crate) fn run(
             Some(c) if c == 1000 || CloseCode::from_u16(c).is_some() => c.to_string(),
             Some(_) => "other".to_string(),
         };
+        shared.close_session(id);
         metrics::counter!(m::DISCONNECTS_TOTAL, "code" => code.clone()).increment(1);
         tracing::debug!(session = id, %code, "connection closed");
     }
@@ -229,14 +228,12 @@ impl Due {
 
 impl Session {
     async fn read_loop(&mut self, input: &mut Input) {
-        let limits = &self.shared.settings.limits;
-        let auth_deadline = Instant::now() + limits.auth_timeout();
-        // A client silent for two ping intervals (it answers our pings) is gone.
-        let idle = limits.silence_timeout();
-        let ping_interval = limits.ping_interval();
-        let mut ping_at = Instant::now() + ping_interval;
-        let max = limits.max_message_size;
-        let mut fragments: Option<(Vec<u8>, bool)> = None;
+        // (Limits are read where used, not kept in locals: every connection's task
+        // carries what this future keeps across its waits.)
+        let auth_deadline = Instant::now() + self.shared.settings.limits.auth_timeout();
+        let mut ping_at = Instant::now() + self.shared.settings.limits.ping_interval();
+        // A fragmented message being put together (boxed: rare).
+        let mut fragments: Option<Box<(Vec<u8>, bool)>> = None;
         // Skipping the rest of a fragmented message whose earlier piece was refused.
         let mut discarding = false;
         loop {
@@ -249,7 +246,8 @@ impl Session {
             } else {
                 Due::Auth(auth_deadline)
             };
-            let silent = Instant::now() + idle;
+            // A client silent for two ping intervals (it answers our pings) is gone.
+            let silent = Instant::now() + self.shared.settings.limits.silence_timeout();
             let frame = {
                 // Kept across pings: a frame read halfway must not be dropped.
                 let read = input.read_frame();
@@ -257,7 +255,7 @@ impl Session {
                 loop {
                     tokio::select! {
                         biased;
-                        _ = self.control.cancelled() => return,
+                        _ = self.control.cancelled(Side::Reader) => return,
                         _ = sleep_until(due.at().min(silent).min(ping_at)) => {
                             let now = Instant::now();
                             match due {
@@ -280,7 +278,7 @@ impl Session {
                                 // followed by a burst of missed ones.
                                 _ if now >= ping_at => {
                                     self.outbox.push_ping();
-                                    ping_at = now + ping_interval;
+                                    ping_at = now + self.shared.settings.limits.ping_interval();
                                 }
                                 _ => {}
                             }
@@ -334,22 +332,25 @@ impl Session {
                         if frame.fin {
                             Read::Message(frame.payload.to_vec(), binary)
                         } else {
-                            fragments = Some((frame.payload.to_vec(), binary));
+                            fragments = Some(Box::new((frame.payload.to_vec(), binary)));
                             Read::Nothing
                         }
                     }
                     OpCode::Continuation => {
-                        let Some((buf, _)) = fragments.as_mut() else {
+                        let Some(pieces) = fragments.as_mut() else {
                             self.control.close(CloseCode::ProtocolError);
                             return;
                         };
-                        if buf.len() + frame.payload.len() > max {
+                        let buf = &mut pieces.0;
+                        if buf.len() + frame.payload.len()
+                            > self.shared.settings.limits.max_message_size
+                        {
                             self.control.close(CloseCode::TooBig);
                             return;
                         }
                         buf.extend_from_slice(&frame.payload);
                         if frame.fin {
-                            let (buf, binary) = fragments.take().expect("checked above");
+                            let (buf, binary) = *fragments.take().expect("checked above");
                             Read::Message(buf, binary)
                         } else {
                             Read::Nothing
@@ -382,7 +383,7 @@ impl Session {
                     return;
                 }
                 Read::Message(bytes, binary) => {
-                    if bytes.len() > max {
+                    if bytes.len() > self.shared.settings.limits.max_message_size {
                         self.control.close(CloseCode::TooBig);
                         return;
                     }
@@ -865,16 +866,16 @@ fn write_loop(
     mut out: Output,
     mut outbox: Inbox,
     control: Arc<Control>,
-    node_shutdown: CancellationToken,
     codec: Codec,
     stall: Duration,
 ) -> impl Future<Output = bool> + Send {
+    // Whole seconds, in a word: every connection's writer carries it.
+    let stall_secs = stall.as_secs();
     // A block, not an `async fn`: see `run`.
     async move {
         loop {
-            // A close asked for with a code is seen here (an atomic load) even while frames
-            // keep coming. The cancellation token is polled only when there is nothing to
-            // write: checking it takes a mutex, which must not be paid per message.
+            // A close asked for with a code is seen here even while frames keep coming
+            // (the wait below sees it only when there is nothing to write).
             if control.close_frame().is_some() {
                 break;
             }
@@ -886,11 +887,12 @@ fn write_loop(
                     let Some(first) = next else { return false };
                     burst_now(&mut out, &mut outbox, first, codec)
                 }
-                _ = control.cancelled() => break,
+                _ = control.cancelled(Side::Writer) => break,
             };
             let result = match written {
                 // Boxed: only a connection whose socket is full carries this state.
                 Ok(()) if !out.is_flushed() => {
+                    let stall = Duration::from_secs(stall_secs);
                     Box::pin(flush_guarded(&mut out, &control, stall)).await
                 }
                 other => other,
@@ -909,39 +911,27 @@ fn write_loop(
                 }
             }
         }
-        // A connection ended by the node's shutdown says 1001 even if nobody asked for a
-        // code (e.g. it had not authenticated yet).
-        let close = control.close_frame().cloned().or_else(|| {
-            node_shutdown.is_cancelled().then(|| {
-                (
-                    CloseCode::GoingAway.code(),
-                    CloseCode::GoingAway.reason().to_string(),
-                )
-            })
-        });
-        let Some((code, reason)) = close else {
+        // (The node's shutdown closes every session with 1001, authenticated or not.)
+        let Some((code, reason)) = control.close_frame().cloned() else {
             return false;
         };
         {
             // Boxed, timer and all: only a closing connection carries this state.
-            let sent = Box::pin(tokio::time::timeout(
-                CLOSE_GRACE,
-                async {
-                    // What is already queued (replies, messages) goes out before the close
-                    // frame; not for a slow consumer, whose queue is the problem.
-                    if code != CloseCode::SlowConsumer.code() {
-                        while let Some(first) = outbox.try_next() {
-                            burst_now(&mut out, &mut outbox, first, codec)?;
-                            out.flush().await?;
-                        }
+            let sent = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
+                // What is already queued (replies, messages) goes out before the close
+                // frame; not for a slow consumer, whose queue is the problem.
+                if code != CloseCode::SlowConsumer.code() {
+                    while let Some(first) = outbox.try_next() {
+                        burst_now(&mut out, &mut outbox, first, codec)?;
+                        out.flush().await?;
                     }
-                    let mut payload = code.to_be_bytes().to_vec();
-                    payload.extend_from_slice(reason.as_bytes());
-                    out.send(OpCode::Close, &payload).await?;
-                    out.shutdown_write();
-                    Ok::<(), std::io::Error>(())
-                },
-            ))
+                }
+                let mut payload = code.to_be_bytes().to_vec();
+                payload.extend_from_slice(reason.as_bytes());
+                out.send(OpCode::Close, &payload).await?;
+                out.shutdown_write();
+                Ok::<(), std::io::Error>(())
+            }))
             .await;
             matches!(sent, Ok(Ok(())))
         }
@@ -961,7 +951,7 @@ async fn flush_guarded(
         // The write first: the token is checked only while it waits.
         biased;
         r = within(stall, out.flush()) => r,
-        _ = control.cancelled() => within(CLOSE_GRACE, out.flush()).await,
+        _ = control.cancelled(Side::Writer) => within(CLOSE_GRACE, out.flush()).await,
     }
 }
 

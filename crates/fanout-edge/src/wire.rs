@@ -54,7 +54,7 @@ pub fn split(tcp: TcpStream, pre_read: Bytes, max_message_size: usize) -> (Input
         },
         Output {
             socket,
-            pending: BytesMut::new(),
+            pending: None,
         },
     )
 }
@@ -211,7 +211,8 @@ pub struct Output {
     /// What the socket did not take yet; empty (unallocated) unless it pushes back.
     /// What the socket takes is advanced past, so an interrupted flush resumes where
     /// it stopped.
-    pending: BytesMut,
+    /// (Boxed: the writer's task, which every connection has, carries one word.)
+    pending: Option<Box<BytesMut>>,
 }
 
 impl Output {
@@ -226,11 +227,11 @@ impl Output {
             let mut frame = Frame::new(true, f.opcode, None, Payload::Borrowed(f.payload));
             head_lens[i] = frame.fmt_head(&mut heads[i]);
         }
-        if !self.pending.is_empty() {
+        if let Some(pending) = self.pending.as_mut() {
             // Behind earlier bytes: queue after them.
             for (i, f) in frames.iter().enumerate() {
-                self.pending.extend_from_slice(&heads[i][..head_lens[i]]);
-                self.pending.extend_from_slice(f.payload);
+                pending.extend_from_slice(&heads[i][..head_lens[i]]);
+                pending.extend_from_slice(f.payload);
             }
             return Ok(());
         }
@@ -252,13 +253,15 @@ impl Output {
         };
         if written < total {
             // Keep the rest, in order.
-            self.pending.reserve(total - written);
+            let pending = self
+                .pending
+                .insert(Box::new(BytesMut::with_capacity(total - written)));
             let mut skip = written;
             for s in &slices[..frames.len() * 2] {
                 if skip >= s.len() {
                     skip -= s.len();
                 } else {
-                    self.pending.extend_from_slice(&s[skip..]);
+                    pending.extend_from_slice(&s[skip..]);
                     skip = 0;
                 }
             }
@@ -274,25 +277,27 @@ impl Output {
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.pending.is_empty() {
+        while let Some(pending) = self.pending.as_mut() {
+            if pending.is_empty() {
+                // All taken: let the buffer go.
+                self.pending = None;
+                break;
+            }
             ready!(self.socket.tcp.poll_write_ready(cx))?;
-            match self.socket.tcp.try_write(&self.pending) {
+            match self.socket.tcp.try_write(pending) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => self.pending.advance(n),
+                Ok(n) => pending.advance(n),
                 // Readiness was stale: poll_write_ready waits again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
-        }
-        if self.pending.capacity() > 0 {
-            self.pending = BytesMut::new();
         }
         Poll::Ready(Ok(()))
     }
 
     /// Whether everything written has gone to the socket.
     pub fn is_flushed(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_none()
     }
 
     /// Writes one control or data frame and flushes.
@@ -309,7 +314,7 @@ impl Output {
     /// Bytes waiting for the socket.
     #[cfg(test)]
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.pending.as_ref().map_or(0, |p| p.len())
     }
 }
 
@@ -486,7 +491,7 @@ mod tests {
         go_tx.send(()).unwrap();
         output.flush().await.unwrap();
         assert_eq!(output.pending(), 0);
-        assert_eq!(output.pending.capacity(), 0, "the buffer is let go");
+        assert!(output.pending.is_none(), "the buffer is let go");
         reader.await.unwrap();
     }
 }
