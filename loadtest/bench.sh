@@ -6,7 +6,8 @@
 #   loadtest/bench.sh [SCENARIO...]     default: all of them
 #       broadcast per-user job-progress churn idle idle-shared cluster cluster-light
 #
-# Environment: FANOUT_BENCH_OUT (default .tmp/bench), FANOUT_BENCH_DURATION (10).
+# Environment: FANOUT_BENCH_OUT (default .tmp/bench), FANOUT_BENCH_DURATION (10),
+# FANOUT_BENCH_EDGE (an edge binary to measure instead of this tree's, for A/B runs).
 # Everything listens on 127.0.0.1; every run is bounded by the load generator's own
 # limits. `cluster` needs haproxy (scripts/local-cluster.sh starts 3 edges behind it).
 set -euo pipefail
@@ -21,6 +22,7 @@ mkdir -p "$OUT"
 cargo build --release -q -p fanout-edge -p fanout-loadtest -p fanout-publisher
 BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release
 LT=$BIN/fanout-loadtest
+EDGE=${FANOUT_BENCH_EDGE:-$BIN/fanout-edge}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -44,7 +46,7 @@ fresh() {
   REDIS_PID=$!
   for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   EDGE_PORT=$(free_port)
-  FANOUT_LOG=warn "$BIN/fanout-edge" --listen "127.0.0.1:$EDGE_PORT" \
+  FANOUT_LOG=warn "$EDGE" --listen "127.0.0.1:$EDGE_PORT" \
     --redis-url "redis://127.0.0.1:$REDIS_PORT" --jwt-secret "$SECRET" \
     --admin-token "$ADMIN" --drain-secs 0 "$@" >>"$OUT/edge.log" 2>&1 &
   EDGE_PID=$!

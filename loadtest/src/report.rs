@@ -215,6 +215,18 @@ impl Report {
         if let Some(s) = secs("publish_seconds") {
             row("publishing took", format!("{s:.2} s"));
         }
+        if let Some(l) = j.get("publish_lag_ms") {
+            let f = |k: &str| l[k].as_f64().unwrap_or(0.0);
+            row(
+                "publisher behind schedule",
+                format!(
+                    "p50 {:.2}  p99 {:.2}  max {:.2} ms",
+                    f("p50"),
+                    f("p99"),
+                    f("max")
+                ),
+            );
+        }
         if let Some(r) = secs("deliveries_per_second") {
             row("received per second", format!("{r:.0}"));
         }

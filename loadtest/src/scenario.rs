@@ -146,13 +146,17 @@ impl Fleet {
     }
 }
 
-/// When each message of a run is due. Messages are stamped with the time they were
-/// due, not the time they went out: a publisher that falls behind shows as latency,
-/// instead of hiding it (coordinated omission).
-#[derive(Clone, Copy)]
+/// When each message of a run is due, and how late the publisher was. A message is
+/// stamped when it goes out (latency is publish → receive); how far behind its
+/// schedule the publisher fell is measured apart (`publish_lag_ms`), so that a
+/// publisher that cannot keep up (coordinated omission) shows, without the load
+/// generator's own scheduling delays (timer granularity, a busy runtime) being
+/// charged to the server.
+#[derive(Clone)]
 struct Schedule {
     start: tokio::time::Instant,
     start_us: u64,
+    lag: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
 }
 
 impl Schedule {
@@ -160,19 +164,39 @@ impl Schedule {
         Schedule {
             start: tokio::time::Instant::now(),
             start_us: now_us(),
+            lag: Arc::new(std::sync::Mutex::new(client::histogram())),
         }
     }
 
-    /// Sleeps until `at` after the start; returns that moment as a timestamp (µs).
+    /// Sleeps until `at` after the start; returns the time to stamp the message with
+    /// (now, µs) and records how late that is.
     async fn wait(&self, at: Duration) -> u64 {
         let due = self.start + at;
         if due > tokio::time::Instant::now() {
             tokio::time::sleep_until(due).await;
         }
-        self.start_us + at.as_micros() as u64
+        let now = now_us();
+        let late = now.saturating_sub(self.start_us + at.as_micros() as u64);
+        let _ = self
+            .lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(late.max(1));
+        now
     }
 
-    /// Sleeps until message `n` at `rate` per second is due; returns when it was due.
+    /// How late the publisher was, in ms: p50, p99, max.
+    fn lag_json(&self) -> Value {
+        let h = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = |v: u64| v as f64 / 1000.0;
+        json!({
+            "p50": ms(h.value_at_quantile(0.5)),
+            "p99": ms(h.value_at_quantile(0.99)),
+            "max": ms(h.max()),
+        })
+    }
+
+    /// Sleeps until message `n` at `rate` per second is due; returns the stamp.
     async fn pace(&self, n: u64, rate: f64) -> u64 {
         self.wait(Duration::from_secs_f64(n as f64 / rate)).await
     }
@@ -259,9 +283,9 @@ pub async fn broadcast(
     let mut published = 0u64;
     let mut errors = 0u64;
     for seq in 0..total {
-        let due = start.pace(seq, opts.rate as f64).await;
+        let sent = start.pace(seq, opts.rate as f64).await;
         match sink
-            .publish(&channel, None, &message(seq, due, &pad, ""))
+            .publish(&channel, None, &message(seq, sent, &pad, ""))
             .await
         {
             Ok(()) => published += 1,
@@ -289,6 +313,7 @@ pub async fn broadcast(
         "publish_errors": errors,
         "publish_seconds": publish_time.as_secs_f64(),
         "published_per_second": published as f64 / publish_time.as_secs_f64(),
+        "publish_lag_ms": start.lag_json(),
     });
     merge(&mut j, tally(&seen, |_| published));
     Ok(Report::new(
@@ -329,16 +354,21 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
     let start = Schedule::now();
     let mut workers = Vec::new();
     for w in 0..publishers {
-        let (sink, counts, errors, pad) =
-            (sink.clone(), counts.clone(), errors.clone(), pad.clone());
+        let (sink, counts, errors, pad, start) = (
+            sink.clone(),
+            counts.clone(),
+            errors.clone(),
+            pad.clone(),
+            start.clone(),
+        );
         let mine = (total / publishers as u64) + u64::from((w as u64) < total % publishers as u64);
         let users = (n - w).div_ceil(publishers);
         workers.push(tokio::spawn(async move {
             for k in 0..mine {
-                let due = start.pace(k, per).await;
+                let sent = start.pace(k, per).await;
                 let user = w + publishers * rand::rng().random_range(0..users);
                 let seq = counts[user].load(Ordering::Relaxed);
-                let data = message(seq, due, &pad, "");
+                let data = message(seq, sent, &pad, "");
                 match sink.publish(&format!("user:lt{user}"), None, &data).await {
                     Ok(()) => {
                         counts[user].fetch_add(1, Ordering::Relaxed);
@@ -373,6 +403,7 @@ pub async fn per_user(common: Common, opts: PublishOpts) -> anyhow::Result<Repor
         "publish_errors": errors.load(Ordering::Relaxed),
         "publish_seconds": publish_time.as_secs_f64(),
         "published_per_second": published as f64 / publish_time.as_secs_f64(),
+        "publish_lag_ms": start.lag_json(),
     });
     merge(&mut j, tally(&seen, |i| counts[i].load(Ordering::Relaxed)));
     Ok(Report::new(
@@ -420,14 +451,19 @@ pub async fn job_progress(
     let start = Schedule::now();
     let mut tasks = Vec::with_capacity(jobs);
     for j in 0..jobs {
-        let (sink, errors, published, pad) =
-            (sink.clone(), errors.clone(), published.clone(), pad.clone());
+        let (sink, errors, published, pad, start) = (
+            sink.clone(),
+            errors.clone(),
+            published.clone(),
+            pad.clone(),
+            start.clone(),
+        );
         let channel = job_channel(j);
         // Jobs start spread over one interval, so that the load is even.
         let offset = interval.mul_f64(j as f64 / jobs as f64);
         tasks.push(tokio::spawn(async move {
             for step in 0..=steps {
-                let due = start.wait(offset + interval * step as u32).await;
+                let sent = start.wait(offset + interval * step as u32).await;
                 let (event, extra) = if step == steps {
                     ("completed", r#","status":"succeeded""#.to_string())
                 } else {
@@ -436,7 +472,7 @@ pub async fn job_progress(
                         format!(r#","status":"running","pct":{}"#, step * 100 / steps),
                     )
                 };
-                let data = message(step, due, &pad, &extra);
+                let data = message(step, sent, &pad, &extra);
                 match sink.publish(&channel, Some(event), &data).await {
                     Ok(()) => {
                         published.fetch_add(1, Ordering::Relaxed);
@@ -476,6 +512,7 @@ pub async fn job_progress(
         "publish_seconds": publish_time.as_secs_f64(),
         "rate_per_second": (jobs as f64 * 1000.0 / interval_ms as f64).round(),
         "subscriptions_completed": completed,
+        "publish_lag_ms": start.lag_json(),
     });
     merge(&mut j, tally(&seen, |_| steps + 1));
     Ok(Report::new(

@@ -75,6 +75,7 @@ fn assert_no_loss(r: &Value, expected: u64) {
     assert_eq!(r["extra"], 0, "{r}");
     assert_eq!(r["out_of_order"], 0, "{r}");
     assert_eq!(r["clients_unfinished"], 0, "{r}");
+    assert!(r["publish_lag_ms"]["max"].is_number(), "{r}");
     assert!(r["latency_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["latency_ms"]["count"], expected, "{r}");
 }

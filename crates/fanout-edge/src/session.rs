@@ -94,7 +94,7 @@ pub(crate) fn run(
         metrics::counter!(m::CONNECTIONS_TOTAL).increment(1);
         let mut session = Session {
             id,
-            client: format!("{:016x}", rand::random::<u64>()),
+            client: ClientId(rand::random()),
             shared: shared.clone(),
             codec: handshake.codec,
             outbox,
@@ -161,7 +161,7 @@ pub(crate) fn run(
 
 struct Session {
     id: SessionId,
-    client: String,
+    client: ClientId,
     shared: Arc<Shared>,
     codec: Codec,
     outbox: Outbox,
@@ -180,6 +180,17 @@ enum Read {
     Ping(Vec<u8>),
     Close(u16),
     Nothing,
+}
+
+/// The random id a client is known by (in `connected`, presence): kept as a number,
+/// written as 16 hex digits when needed.
+#[derive(Clone, Copy)]
+struct ClientId(u64);
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
 }
 
 /// A connection's subscriptions (at most `limits.max_subscriptions`, usually one or
@@ -498,7 +509,7 @@ impl Session {
                 self.principal = Some(principal);
                 let p = self.principal.as_ref().expect("just set");
                 let frame = ServerFrame::Connected {
-                    client: &self.client,
+                    client: &self.client.to_string(),
                     node: &self.shared.settings.node_id,
                     user: &p.user,
                     ping_interval: self.shared.settings.limits.ping_interval_secs,
@@ -549,7 +560,7 @@ impl Session {
             );
         }
         // Subscriptions the hub ended (a finished job) are gone from the hub already.
-        let (client, id_) = (self.client.clone(), self.id);
+        let (client, id_) = (self.client.to_string(), self.id);
         self.channels.0.retain(|c| {
             let live = shared.hub.contains(c, id_);
             if !live {
@@ -665,14 +676,17 @@ impl Session {
             Joined::Live { .. } => {
                 if presence {
                     let info = serde_json::json!({
-                        "client": self.client,
+                        "client": self.client.to_string(),
                         "user": user,
                         "node": shared.settings.node_id,
                     })
                     .to_string();
-                    shared
-                        .presence
-                        .join(channel.clone(), &self.client, info, join_leave);
+                    shared.presence.join(
+                        channel.clone(),
+                        &self.client.to_string(),
+                        info,
+                        join_leave,
+                    );
                 }
                 self.channels.insert(channel);
             }
@@ -688,7 +702,9 @@ impl Session {
         let removed = self.channels.remove(name);
         if let Some(channel) = &removed {
             // Also when the hub ended the subscription already (a finished job).
-            self.shared.presence.leave(channel, &self.client);
+            self.shared
+                .presence
+                .leave(channel, &self.client.to_string());
         }
         match removed {
             Some(channel) if self.shared.hub.remove(&channel, self.id) => {
@@ -846,7 +862,9 @@ impl Session {
 
     fn cleanup(&mut self) {
         for channel in std::mem::take(&mut self.channels.0) {
-            self.shared.presence.leave(&channel, &self.client);
+            self.shared
+                .presence
+                .leave(&channel, &self.client.to_string());
             if self.shared.hub.remove(&channel, self.id) {
                 self.shared.subscriptions.release(channel);
             }
