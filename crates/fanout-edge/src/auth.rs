@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use fanout_protocol::{claim_matches, CloseCode, ErrorCode};
 use jsonwebtoken::errors::ErrorKind;
@@ -92,7 +93,7 @@ impl AuthError {
 /// An authenticated connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    pub user: String,
+    pub user: Arc<str>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
     /// The `channels` claim: exact names or `prefix*`.
@@ -168,7 +169,7 @@ impl Auth {
             return Err(AuthError::SubscriptionTokenAsConnection);
         }
         Ok(Principal {
-            user: claims.sub,
+            user: Arc::from(claims.sub),
             exp: claims
                 .exp
                 .ok_or_else(|| AuthError::MissingClaim("exp".into()))?,
@@ -185,7 +186,7 @@ impl Auth {
         channel: &str,
     ) -> Result<(), AuthError> {
         let claims = self.verify(token)?;
-        if claims.sub != principal.user {
+        if *claims.sub != *principal.user {
             return Err(AuthError::OtherUser);
         }
         match claims.channel.as_deref() {
@@ -377,7 +378,7 @@ mod tests {
             SECRET,
         );
         let p = auth(None).verify_connection(&t).unwrap();
-        assert_eq!(p.user, "42");
+        assert_eq!(&*p.user, "42");
         assert!(p.has_claim("job_progress:7"));
         assert!(!p.has_claim("chat:7"));
     }

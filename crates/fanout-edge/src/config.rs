@@ -536,7 +536,7 @@ mod tests {
             .auth
             .verify_connection(s.dev_token.as_ref().unwrap())
             .unwrap();
-        assert_eq!(p.user, "demo");
+        assert_eq!(&*p.user, "demo");
     }
 
     #[test]

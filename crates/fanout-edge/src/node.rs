@@ -35,8 +35,11 @@ pub enum NodeError {
     Broker(#[from] BrokerError),
 }
 
-/// Authenticated connections by user, for admin disconnects.
-type UserRegistry = HashMap<String, Vec<(SessionId, Arc<Control>)>>;
+/// An open session: how to close it, and its user once authenticated.
+struct SessionEntry {
+    control: Arc<Control>,
+    user: Option<Arc<str>>,
+}
 
 /// State shared by every task of the node.
 pub struct Shared {
@@ -53,9 +56,10 @@ pub struct Shared {
     draining: AtomicBool,
     next_id: AtomicU64,
     connections: AtomicUsize,
-    users: Mutex<UserRegistry>,
-    /// Every open session, authenticated or not: how shutdown reaches each one.
-    sessions: Mutex<HashMap<SessionId, Arc<Control>>>,
+    /// Every open session, authenticated or not: how shutdown, drain and admin
+    /// disconnects reach each one. (One registry, not one more by user: it is per
+    /// connection memory, and looking up a user's sessions is a rare admin operation.)
+    sessions: Mutex<HashMap<SessionId, SessionEntry>>,
 }
 
 impl Shared {
@@ -63,10 +67,13 @@ impl Shared {
     /// down is closed (1001) at once.
     pub(crate) fn open_session(&self, control: Arc<Control>) -> SessionId {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(id, control.clone());
+        self.sessions.lock().expect("sessions lock").insert(
+            id,
+            SessionEntry {
+                control: control.clone(),
+                user: None,
+            },
+        );
         // After the insert: `shutdown` cancels the token before it reads the registry,
         // so a session is either in its sweep or sees the token here.
         if self.shutdown.is_cancelled() {
@@ -79,36 +86,31 @@ impl Shared {
         self.sessions.lock().expect("sessions lock").remove(&id);
     }
 
-    pub(crate) fn register(&self, id: SessionId, user: &str, control: Arc<Control>) {
-        let mut users = self.users.lock().expect("users lock");
-        let sessions = users.entry(user.to_string()).or_default();
-        if sessions.capacity() == 0 {
-            // Most users have one connection on a node: room for one, not four.
-            sessions.reserve_exact(1);
+    /// Records that session `id` authenticated as `user`.
+    pub(crate) fn register(&self, id: SessionId, user: Arc<str>) {
+        if let Some(entry) = self.sessions.lock().expect("sessions lock").get_mut(&id) {
+            entry.user = Some(user);
         }
-        sessions.push((id, control));
     }
 
-    pub(crate) fn unregister(&self, id: SessionId, user: &str) {
-        let mut users = self.users.lock().expect("users lock");
-        if let Some(list) = users.get_mut(user) {
-            list.retain(|(i, _)| *i != id);
-            if list.is_empty() {
-                users.remove(user);
-            }
+    /// Session `id` is ending: it no longer counts as its user's.
+    pub(crate) fn unregister(&self, id: SessionId) {
+        if let Some(entry) = self.sessions.lock().expect("sessions lock").get_mut(&id) {
+            entry.user = None;
         }
     }
 
     /// Closes every connection of `user` on this node with 4010; returns how many.
     pub fn disconnect_user(&self, user: &str) -> usize {
-        let users = self.users.lock().expect("users lock");
-        let Some(list) = users.get(user) else {
-            return 0;
-        };
-        for (_, control) in list {
-            control.close(CloseCode::DisconnectedByAdmin);
+        let sessions = self.sessions.lock().expect("sessions lock");
+        let mut n = 0;
+        for entry in sessions.values() {
+            if entry.user.as_deref() == Some(user) {
+                entry.control.close(CloseCode::DisconnectedByAdmin);
+                n += 1;
+            }
         }
-        list.len()
+        n
     }
 
     /// Connections open now.
@@ -118,7 +120,12 @@ impl Shared {
 
     /// Authenticated users with at least one connection.
     pub fn users(&self) -> usize {
-        self.users.lock().expect("users lock").len()
+        let sessions = self.sessions.lock().expect("sessions lock");
+        let users: std::collections::HashSet<&str> = sessions
+            .values()
+            .filter_map(|e| e.user.as_deref())
+            .collect();
+        users.len()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -305,7 +312,6 @@ impl Node {
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            users: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         });
         // Cluster-wide operations arrive on the control channel, which this node holds
@@ -390,11 +396,13 @@ impl Node {
     pub async fn drain(self, window: Duration) {
         self.shared.draining.store(true, Ordering::Relaxed);
         metrics::gauge!(m::DRAINING).set(1.0);
+        // Authenticated sessions, paced; the rest are closed by the shutdown after.
         let mut controls: Vec<Arc<Control>> = {
-            let users = self.shared.users.lock().expect("users lock");
-            users
+            let sessions = self.shared.sessions.lock().expect("sessions lock");
+            sessions
                 .values()
-                .flat_map(|list| list.iter().map(|(_, c)| c.clone()))
+                .filter(|e| e.user.is_some())
+                .map(|e| e.control.clone())
                 .collect()
         };
         let started = tokio::time::Instant::now();
@@ -431,7 +439,7 @@ impl Node {
             .lock()
             .expect("sessions lock")
             .values()
-            .cloned()
+            .map(|e| e.control.clone())
             .collect();
         for control in sessions {
             control.close(CloseCode::GoingAway);

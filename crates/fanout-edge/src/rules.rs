@@ -168,7 +168,7 @@ impl Namespaces {
         let granted =
             principal.has_claim(channel.as_str()) || matches!(grant, Grant::SubscriptionToken);
         let ok = match ns.subscribe {
-            SubscribeRule::Owner => channel.rest() == principal.user,
+            SubscribeRule::Owner => channel.rest() == &*principal.user,
             SubscribeRule::Authenticated => true,
             SubscribeRule::Claim => granted,
         };

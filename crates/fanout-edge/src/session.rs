@@ -504,8 +504,7 @@ impl Session {
         match self.shared.settings.auth.verify_connection(token) {
             Ok(principal) => {
                 tracing::debug!(session = self.id, user = %principal.user, "authenticated");
-                self.shared
-                    .register(self.id, &principal.user, self.control.clone());
+                self.shared.register(self.id, principal.user.clone());
                 self.principal = Some(principal);
                 let p = self.principal.as_ref().expect("just set");
                 let frame = ServerFrame::Connected {
@@ -677,7 +676,7 @@ impl Session {
                 if presence {
                     let info = serde_json::json!({
                         "client": self.client.to_string(),
-                        "user": user,
+                        "user": &*user,
                         "node": shared.settings.node_id,
                     })
                     .to_string();
@@ -869,8 +868,8 @@ impl Session {
                 self.shared.subscriptions.release(channel);
             }
         }
-        if let Some(p) = &self.principal {
-            self.shared.unregister(self.id, &p.user);
+        if self.principal.is_some() {
+            self.shared.unregister(self.id);
         }
         // Make sure the writer ends even if the reader ended on its own.
         self.control.abort();
