@@ -489,6 +489,9 @@ async fn admin_disconnect_closes_with_4010() {
     let mut a = connect(&node, &token("9", &[])).await;
     let mut b = connect(&node, &token("9", &[])).await;
     let mut other = connect(&node, &token("10", &[])).await;
+    // Not authenticated yet: not a user, and not disconnected.
+    let mut anonymous = WsClient::connect(&node.ws_url()).await.unwrap();
+    assert_eq!(stats(&node).await["node"]["users"], 2);
     let (s, body) = fanout_testkit::http(
         node.local_addr(),
         "POST",
@@ -498,10 +501,21 @@ async fn admin_disconnect_closes_with_4010() {
     )
     .await;
     assert_eq!(s, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["disconnected"], 2, "{body}");
     assert_eq!(a.expect_close().await, Some(4010));
     assert_eq!(b.expect_close().await, Some(4010));
     other.send(json!({"type":"ping","id":1})).await;
     assert_eq!(other.recv_type("pong").await["id"], 1);
+    eventually("user 9 gone", || async {
+        stats(&node).await["node"]["users"] == 1
+    })
+    .await;
+    // The anonymous connection still authenticates.
+    anonymous
+        .send(json!({"type":"auth","token":token("11", &[])}))
+        .await;
+    assert_eq!(anonymous.recv_type("connected").await["user"], "11");
     node.shutdown().await;
 }
 
