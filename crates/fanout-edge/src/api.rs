@@ -20,6 +20,8 @@ use crate::node::Shared;
 struct ApiError {
     code: ErrorCode,
     message: String,
+    /// A status other than the code's own (408 for a body too slow to arrive).
+    status: Option<StatusCode>,
 }
 
 impl ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            status: None,
         }
     }
 }
@@ -66,7 +69,9 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
     let response = match result {
         Ok((status, body)) => json(status, &body),
         Err(e) => {
-            let status = if endpoint == "unknown" && e.code == ErrorCode::BadRequest {
+            let status = if let Some(status) = e.status {
+                status
+            } else if endpoint == "unknown" && e.code == ErrorCode::BadRequest {
                 StatusCode::NOT_FOUND
             } else {
                 StatusCode::from_u16(e.code.http_status())
@@ -78,6 +83,14 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
             )
         }
     };
+    let mut response = response;
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body is not worth waiting for: the connection goes.
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     metrics::counter!(m::API_REQUESTS_TOTAL, "endpoint" => endpoint, "status" => response.status().as_str().to_string())
         .increment(1);
     response
@@ -113,9 +126,19 @@ async fn body<T: for<'de> Deserialize<'de>>(
     shared: &Shared,
 ) -> Result<T, ApiError> {
     let limit = shared.settings.limits.max_api_body;
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
+    // A deadline for the whole body: a client trickling it a byte at a time must not
+    // hold a request (and its connection) open for ever.
+    let within = std::time::Duration::from_secs(shared.settings.limits.api_body_timeout_secs);
+    let collected = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect())
         .await
+        .map_err(|_| ApiError {
+            status: Some(StatusCode::REQUEST_TIMEOUT),
+            ..ApiError::new(
+                ErrorCode::BadRequest,
+                format!("request body not received within {} s", within.as_secs()),
+            )
+        })?;
+    let bytes = collected
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 ApiError::new(

@@ -36,6 +36,8 @@ pub enum AuthError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (`nbf`)")]
+    NotYetValid,
     #[error("token audience is not accepted")]
     Audience,
     #[error("token issuer is not accepted")]
@@ -78,6 +80,7 @@ impl AuthError {
             AuthError::Malformed => "malformed",
             AuthError::BadSignature => "bad_signature",
             AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
             AuthError::Audience => "audience",
             AuthError::Issuer => "issuer",
             AuthError::Algorithm(_) => "algorithm",
@@ -178,19 +181,19 @@ impl Auth {
     }
 
     /// Verifies a subscription token (`sub`, `channel`, `exp`) for `principal` and
-    /// `channel`.
+    /// `channel`; returns its expiry (seconds since the Unix epoch).
     pub fn verify_subscription(
         &self,
         token: &str,
         principal: &Principal,
         channel: &str,
-    ) -> Result<(), AuthError> {
+    ) -> Result<u64, AuthError> {
         let claims = self.verify(token)?;
         if *claims.sub != *principal.user {
             return Err(AuthError::OtherUser);
         }
         match claims.channel.as_deref() {
-            Some(c) if c == channel => Ok(()),
+            Some(c) if c == channel => Ok(claims.exp.unwrap_or_default()),
             Some(_) => Err(AuthError::OtherChannel),
             None => Err(AuthError::MissingClaim("channel".into())),
         }
@@ -228,18 +231,28 @@ impl Auth {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         let key = self.key_for(&header)?;
         let mut validation = Validation::new(key.alg);
+        // The same small leeway for `exp` and `nbf` (clock skew between issuer and node).
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        // A configured audience or issuer is required, not only checked when present:
+        // otherwise a token that simply leaves it out would pass.
+        let mut required = vec!["exp", "sub"];
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAudience => AuthError::Audience,
                 ErrorKind::InvalidIssuer => AuthError::Issuer,
@@ -420,6 +433,68 @@ mod tests {
     }
 
     #[test]
+    fn configured_audience_and_issuer_are_required() {
+        let a = Auth::from_config(
+            Some(SECRET),
+            None,
+            None,
+            Some("fanout".into()),
+            Some("https://issuer".into()),
+        )
+        .unwrap();
+        let p = Principal {
+            user: "1".into(),
+            exp: now() + 60,
+            channels: vec![],
+        };
+        let both =
+            serde_json::json!({"sub":"1","exp":now()+60,"aud":"fanout","iss":"https://issuer"});
+        assert!(a.verify_connection(&hs(both.clone(), SECRET)).is_ok());
+        for missing in ["aud", "iss"] {
+            let mut claims = both.clone();
+            claims.as_object_mut().unwrap().remove(missing);
+            let e = a
+                .verify_connection(&hs(claims.clone(), SECRET))
+                .unwrap_err();
+            assert_eq!(e, AuthError::MissingClaim(missing.into()));
+            assert_eq!(e.close_code(), CloseCode::Unauthorized);
+            // Subscription tokens too.
+            claims["channel"] = "job_progress:7".into();
+            let e = a
+                .verify_subscription(&hs(claims, SECRET), &p, "job_progress:7")
+                .unwrap_err();
+            assert_eq!(e, AuthError::MissingClaim(missing.into()));
+            assert_eq!(e.error_code(), ErrorCode::Unauthorized);
+        }
+        // Unconfigured: neither is needed.
+        let t = hs(serde_json::json!({"sub":"1","exp":now()+60}), SECRET);
+        assert!(auth(None).verify_connection(&t).is_ok());
+    }
+
+    #[test]
+    fn nbf_is_honoured_with_the_exp_leeway() {
+        let a = auth(None);
+        let later = hs(
+            serde_json::json!({"sub":"1","exp":now()+7200,"nbf":now()+3600}),
+            SECRET,
+        );
+        let e = a.verify_connection(&later).unwrap_err();
+        assert_eq!(e, AuthError::NotYetValid);
+        assert_eq!(e.close_code(), CloseCode::Unauthorized);
+        // Within the leeway (clock skew): accepted.
+        let skewed = hs(
+            serde_json::json!({"sub":"1","exp":now()+60,"nbf":now()+2}),
+            SECRET,
+        );
+        assert!(a.verify_connection(&skewed).is_ok());
+        let past = hs(
+            serde_json::json!({"sub":"1","exp":now()+60,"nbf":now()-60}),
+            SECRET,
+        );
+        assert!(a.verify_connection(&past).is_ok());
+    }
+
+    #[test]
     fn algorithm_is_pinned_per_key() {
         // An HS384 token against an HS256-only secret.
         let t = encode(
@@ -445,7 +520,7 @@ mod tests {
             serde_json::json!({"sub":"42","exp":now()+60,"channel":"job_progress:7"}),
             SECRET,
         );
-        assert_eq!(a.verify_subscription(&t, &p, "job_progress:7"), Ok(()));
+        assert!(a.verify_subscription(&t, &p, "job_progress:7").unwrap() > now());
         assert_eq!(
             a.verify_subscription(&t, &p, "job_progress:8"),
             Err(AuthError::OtherChannel)

@@ -118,8 +118,18 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigErro
 pub struct Limits {
     /// Largest client message (assembled from fragments), bytes; larger → close 1009.
     pub max_message_size: usize,
-    /// Sockets this node holds; more → close 1013.
+    /// Authenticated connections this node holds; more → close 1013.
     pub max_connections: usize,
+    /// Upgraded sockets that have not authenticated yet (they do not count against
+    /// `max_connections`, so unauthenticated sockets cannot lock real clients out);
+    /// more → close 1013.
+    pub max_pending_auth: usize,
+    /// Sockets from one IP address, authenticated or not; 0 = no limit. More → close
+    /// 4008. (Behind a load balancer the peer is the balancer: leave it at 0 there.)
+    pub max_connections_per_ip: usize,
+    /// Connections of one user (token `sub`) on this node; 0 = no limit. More → close
+    /// 4008.
+    pub max_connections_per_user: usize,
     /// Channels one connection may subscribe to; more → `limit_exceeded`.
     pub max_subscriptions: usize,
     /// Outbound messages queued per connection before it counts as a slow consumer
@@ -144,6 +154,9 @@ pub struct Limits {
     pub ping_interval_secs: u64,
     /// Largest body of a server API request, bytes.
     pub max_api_body: usize,
+    /// Seconds a server API request has to send its whole body (like the 10 s a
+    /// request has for its headers); later → 408 and the connection is closed.
+    pub api_body_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -151,6 +164,9 @@ impl Default for Limits {
         Limits {
             max_message_size: 64 * 1024,
             max_connections: 20_000,
+            max_pending_auth: 1024,
+            max_connections_per_ip: 0,
+            max_connections_per_user: 0,
             max_subscriptions: 256,
             queue_messages: 1024,
             queue_bytes: 1024 * 1024,
@@ -162,6 +178,7 @@ impl Default for Limits {
             auth_timeout_secs: 10,
             ping_interval_secs: 25,
             max_api_body: 1024 * 1024,
+            api_body_timeout_secs: 10,
         }
     }
 }
@@ -376,7 +393,7 @@ impl Settings {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let checks: [(&str, bool, &str); 11] = [
+    let checks: [(&str, bool, &str); 13] = [
         (
             "limits.max_message_size",
             l.max_message_size >= 256,
@@ -385,6 +402,11 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         (
             "limits.max_connections",
             l.max_connections >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.max_pending_auth",
+            l.max_pending_auth >= 1,
             "must be at least 1",
         ),
         (
@@ -430,6 +452,11 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         (
             "limits.ping_interval_secs",
             l.ping_interval_secs >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.api_body_timeout_secs",
+            l.api_body_timeout_secs >= 1,
             "must be at least 1",
         ),
     ];

@@ -3,6 +3,7 @@
 //! (Origin, capacity, subprotocol, token location) and hands the socket to a session.
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::node::Shared;
+use crate::node::{Refusal, Shared};
 use crate::session::{self, Handshake};
 
 pub(crate) type Body = Full<Bytes>;
@@ -41,7 +42,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, trac
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 let tracker = conn_tracker.clone();
-                async move { Ok::<_, Infallible>(route(req, shared, tracker).await) }
+                async move { Ok::<_, Infallible>(route(req, shared, tracker, peer.ip()).await) }
             });
             if let Err(error) = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -60,9 +61,10 @@ async fn route(
     req: Request<Incoming>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    peer: IpAddr,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(req, shared, tracker),
+        (&Method::GET, "/ws") => upgrade(req, shared, tracker, peer),
         (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readyz(&shared),
         (&Method::GET, "/metrics") => {
@@ -110,6 +112,7 @@ fn upgrade(
     mut req: Request<Incoming>,
     shared: Arc<Shared>,
     tracker: TaskTracker,
+    peer: IpAddr,
 ) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json(
@@ -128,6 +131,8 @@ fn upgrade(
             &serde_json::json!({"error": {"code": "bad_request", "message": "supported subprotocols: fanout.json, fanout.msgpack"}}),
         );
     };
+    // Refusals are sent as close frames after the upgrade: a browser sees a close
+    // code, never the status of a refused handshake.
     let mut refuse = None;
     if let Some(allowed) = &shared.settings.allowed_origins {
         let origin = req
@@ -139,21 +144,37 @@ fn upgrade(
         if let Some(origin) = origin {
             if !allowed.contains(&origin) {
                 tracing::info!(%origin, "origin not allowed");
-                refuse = Some(CloseCode::Policy);
+                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "limit" => "origin")
+                    .increment(1);
+                refuse = Some(Refusal {
+                    code: CloseCode::Policy,
+                    reason: "origin not allowed",
+                });
             }
         }
     }
     if shared.is_draining() {
-        refuse = Some(CloseCode::GoingAway);
+        refuse = Some(Refusal {
+            code: CloseCode::GoingAway,
+            reason: "the node is draining; reconnect",
+        });
     }
-    let guard = match shared.admit() {
-        Some(g) => Some(g),
-        None => {
-            refuse = refuse.or(Some(CloseCode::TryLater));
+    // A token in the handshake is verified now: a valid one takes a connection slot at
+    // once, and only sockets that still have to authenticate count as pending.
+    let auth = bearer(req.headers().get(AUTHORIZATION))
+        .or_else(|| query_token(req.uri().query()))
+        .map(|t| shared.settings.auth.verify_connection(&t));
+    let user = match &auth {
+        Some(Ok(p)) if refuse.is_none() => Some(&p.user),
+        _ => None,
+    };
+    let admission = match shared.admit(peer, user) {
+        Ok(a) => Some(a),
+        Err(r) => {
+            refuse = refuse.or(Some(r));
             None
         }
     };
-    let token = bearer(req.headers().get(AUTHORIZATION)).or_else(|| query_token(req.uri().query()));
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(error) => {
@@ -165,10 +186,10 @@ fn upgrade(
     };
     let handshake = Handshake {
         codec,
-        token,
+        auth,
         refuse,
     };
-    tracker.spawn(session::run(shared, fut, handshake, guard));
+    tracker.spawn(session::run(shared, fut, handshake, admission));
     let (mut parts, _) = response.into_parts();
     if offered.is_some() {
         parts.headers.insert(

@@ -39,6 +39,9 @@ pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_tota
 pub const BROKER_TOPOLOGY_CHANGES_TOTAL: &str = "fanout_broker_topology_changes_total";
 pub const DRAINING: &str = "fanout_draining";
 pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
+pub const SUBSCRIPTIONS_REVOKED_TOTAL: &str = "fanout_subscriptions_revoked_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "fanout_connections_refused_total";
+pub const PENDING_AUTH_CONNECTIONS: &str = "fanout_pending_auth_connections";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -92,6 +95,17 @@ fn describe() {
             INTERNAL_ERRORS_TOTAL,
             "place",
             &["control", "deliver", "session"][..],
+        ),
+        (
+            CONNECTIONS_REFUSED_TOTAL,
+            "limit",
+            &[
+                "connections",
+                "pending_auth",
+                "per_ip",
+                "per_user",
+                "origin",
+            ][..],
         ),
     ] {
         for value in values {
@@ -243,6 +257,21 @@ fn describe() {
         DRAIN_CLOSES_TOTAL,
         Unit::Count,
         "Connections closed with 1001 by a paced drain."
+    );
+    describe_counter!(
+        SUBSCRIPTIONS_REVOKED_TOTAL,
+        Unit::Count,
+        "Subscriptions ended with `unsubscribed {reason:\"forbidden\"}` because a refreshed token no longer grants the channel."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Connections refused by a limit, by limit (connections: node full, 1013; pending_auth: too many unauthenticated sockets, 1013; per_ip: 1013; per_user: 4008; origin: 1008)."
+    );
+    describe_gauge!(
+        PENDING_AUTH_CONNECTIONS,
+        Unit::Count,
+        "Upgraded sockets that have not authenticated yet."
     );
     describe_counter!(
         INTERNAL_ERRORS_TOTAL,

@@ -3,7 +3,7 @@
 //! the listener, connects the broker and runs the accept loop.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,6 +56,12 @@ pub struct Shared {
     draining: AtomicBool,
     next_id: AtomicU64,
     connections: AtomicUsize,
+    /// Upgraded sockets not authenticated yet.
+    pending: AtomicUsize,
+    /// Sockets by peer address (only with `limits.max_connections_per_ip`).
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections by user (only with `limits.max_connections_per_user`).
+    per_user: Mutex<HashMap<Arc<str>, usize>>,
     /// Every open session, authenticated or not: how shutdown, drain and admin
     /// disconnects reach each one. (One registry, not one more by user: it is per
     /// connection memory, and looking up a user's sessions is a rare admin operation.)
@@ -132,12 +138,157 @@ impl Shared {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Counts a connection in; `None` when the node is full.
-    pub(crate) fn admit(self: &Arc<Self>) -> Option<ConnectionGuard> {
-        let n = self.connections.fetch_add(1, Ordering::AcqRel);
-        let guard = ConnectionGuard(self.clone());
+    /// Admits an upgraded socket: with a per-IP limit, a slot of its address's; then,
+    /// if it already authenticated (a valid token in the handshake) as `user`, a
+    /// connection slot (see [`Admission::connect`]), else a slot of
+    /// `limits.max_pending_auth` — not of `max_connections`, so that sockets that never
+    /// authenticate cannot lock real clients out. Refused: the close code and reason.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        user: Option<&Arc<str>>,
+    ) -> Result<Admission, Refusal> {
+        let limits = &self.settings.limits;
+        let n = self.pending.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(m::PENDING_AUTH_CONNECTIONS).set((n + 1) as f64);
+        // Pending from here: dropping it on a refusal below gives everything back.
+        let mut admission = Admission {
+            shared: self.clone(),
+            stage: Stage::Pending,
+            ip: None,
+            user: None,
+        };
+        if limits.max_connections_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().expect("per_ip lock");
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= limits.max_connections_per_ip {
+                drop(per_ip);
+                return Err(refuse(
+                    "per_ip",
+                    CloseCode::RateLimited,
+                    "too many connections from this address",
+                ));
+            }
+            *count += 1;
+            admission.ip = Some(ip);
+        }
+        match user {
+            Some(user) => admission.connect(user)?,
+            None if n >= limits.max_pending_auth => {
+                return Err(refuse(
+                    "pending_auth",
+                    CloseCode::TryLater,
+                    "too many connections waiting to authenticate; try later",
+                ))
+            }
+            None => {}
+        }
+        Ok(admission)
+    }
+}
+
+/// Why a connection was refused by a limit: its close code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: CloseCode,
+    pub reason: &'static str,
+}
+
+fn refuse(limit: &'static str, code: CloseCode, reason: &'static str) -> Refusal {
+    metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL, "limit" => limit).increment(1);
+    tracing::info!(limit, code = code.code(), "connection refused by a limit");
+    Refusal { code, reason }
+}
+
+enum Stage {
+    Pending,
+    Connected,
+}
+
+/// A socket's place in the node's limits, from the upgrade to its end: pending
+/// authentication, then connected (a slot of `max_connections`, and of its user's
+/// limit). Given back when dropped, on every path.
+pub(crate) struct Admission {
+    shared: Arc<Shared>,
+    stage: Stage,
+    /// Counted in the per-IP limit.
+    ip: Option<IpAddr>,
+    /// Counted in the per-user limit.
+    user: Option<Arc<str>>,
+}
+
+impl Admission {
+    /// The socket authenticated as `user`: it leaves the pending budget for a
+    /// connection slot, if the node and the user have one.
+    pub(crate) fn connect(&mut self, user: &Arc<str>) -> Result<(), Refusal> {
+        let shared = &self.shared;
+        let limits = &shared.settings.limits;
+        if !matches!(self.stage, Stage::Pending) {
+            return Ok(());
+        }
+        let n = shared.connections.fetch_add(1, Ordering::AcqRel);
+        if n >= limits.max_connections {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(refuse(
+                "connections",
+                CloseCode::TryLater,
+                "the node is full; try later",
+            ));
+        }
+        if limits.max_connections_per_user > 0 {
+            let mut per_user = shared.per_user.lock().expect("per_user lock");
+            let count = per_user.entry(user.clone()).or_insert(0);
+            if *count >= limits.max_connections_per_user {
+                drop(per_user);
+                shared.connections.fetch_sub(1, Ordering::AcqRel);
+                return Err(refuse(
+                    "per_user",
+                    CloseCode::RateLimited,
+                    "too many connections for this user",
+                ));
+            }
+            *count += 1;
+            self.user = Some(user.clone());
+        }
+        let pending = shared.pending.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!(m::PENDING_AUTH_CONNECTIONS).set(pending as f64);
         metrics::gauge!(m::CONNECTIONS).set((n + 1) as f64);
-        (n < self.settings.limits.max_connections).then_some(guard)
+        self.stage = Stage::Connected;
+        Ok(())
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        match self.stage {
+            Stage::Pending => {
+                let n = shared.pending.fetch_sub(1, Ordering::AcqRel) - 1;
+                metrics::gauge!(m::PENDING_AUTH_CONNECTIONS).set(n as f64);
+            }
+            Stage::Connected => {
+                let n = shared.connections.fetch_sub(1, Ordering::AcqRel) - 1;
+                metrics::gauge!(m::CONNECTIONS).set(n as f64);
+            }
+        }
+        if let Some(ip) = self.ip {
+            let mut per_ip = shared.per_ip.lock().expect("per_ip lock");
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        if let Some(user) = &self.user {
+            let mut per_user = shared.per_user.lock().expect("per_user lock");
+            if let Some(count) = per_user.get_mut(user) {
+                *count -= 1;
+                if *count == 0 {
+                    per_user.remove(user);
+                }
+            }
+        }
     }
 }
 
@@ -233,16 +384,6 @@ async fn report_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Decrements the connection count when dropped.
-pub(crate) struct ConnectionGuard(Arc<Shared>);
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let n = self.0.connections.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!(m::CONNECTIONS).set(n as f64);
-    }
-}
-
 /// A running node.
 pub struct Node {
     shared: Arc<Shared>,
@@ -294,6 +435,7 @@ impl Node {
         tracker.spawn(recovery::run(
             hub.clone(),
             broker.clone(),
+            settings.clone(),
             subscriptions.clone(),
             repair_requests,
             shutdown.clone(),
@@ -312,6 +454,9 @@ impl Node {
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            per_user: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         });
         // Cluster-wide operations arrive on the control channel, which this node holds
@@ -326,6 +471,7 @@ impl Node {
         tracker.spawn(report_loop(shared.clone()));
         // Every gauge exists from the start: an absent series cannot be alerted on.
         metrics::gauge!(m::CONNECTIONS).set(0.0);
+        metrics::gauge!(m::PENDING_AUTH_CONNECTIONS).set(0.0);
         metrics::gauge!(m::SUBSCRIPTIONS).set(0.0);
         metrics::gauge!(m::CHANNELS).set(0.0);
         metrics::gauge!(m::OUTBOUND_QUEUE_BYTES).set(0.0);

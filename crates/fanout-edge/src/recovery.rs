@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, HistoryQuery};
+use crate::config::Settings;
 use crate::hub::{Delivery, Hub};
 use crate::metrics as m;
 use crate::subscriptions::Subscriptions;
@@ -63,6 +64,7 @@ pub(crate) fn account(subscriptions: &Subscriptions, channel: &str, d: &Delivery
 pub(crate) async fn run(
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    settings: Arc<Settings>,
     subscriptions: Subscriptions,
     mut rx: mpsc::UnboundedReceiver<Arc<str>>,
     stop: CancellationToken,
@@ -87,9 +89,10 @@ pub(crate) async fn run(
             }
             running.insert(channel.clone(), false);
         }
-        let (hub, broker, subscriptions, running, stop) = (
+        let (hub, broker, settings, subscriptions, running, stop) = (
             hub.clone(),
             broker.clone(),
+            settings.clone(),
             subscriptions.clone(),
             running.clone(),
             stop.clone(),
@@ -98,7 +101,7 @@ pub(crate) async fn run(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = repair(&hub, broker.as_ref(), &subscriptions, &channel) => {}
+                    _ = repair(&hub, broker.as_ref(), &settings, &subscriptions, &channel) => {}
                 }
                 let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
                 let again = running
@@ -118,7 +121,20 @@ pub(crate) async fn run(
 }
 
 /// Repairs `channel` until its stream is contiguous again (or it has no subscribers).
-async fn repair(hub: &Hub, broker: &dyn Broker, subscriptions: &Subscriptions, channel: &str) {
+async fn repair(
+    hub: &Hub,
+    broker: &dyn Broker,
+    settings: &Settings,
+    subscriptions: &Subscriptions,
+    channel: &str,
+) {
+    // History lost (Redis restarted empty): the channel starts again at a new epoch, so
+    // that the subscribers told `recovered:false` get a position to recover from.
+    let start = settings
+        .namespaces
+        .parse(channel)
+        .ok()
+        .map(|c| settings.namespaces.for_channel(&c).history.ttl);
     let mut backoff = RETRY_MIN;
     loop {
         let Some(position) = hub.begin_repair(channel) else {
@@ -126,7 +142,7 @@ async fn repair(hub: &Hub, broker: &dyn Broker, subscriptions: &Subscriptions, c
             return;
         };
         let read = match broker
-            .history(channel, HistoryQuery::After(position.offset))
+            .history(channel, HistoryQuery::After(position.offset), start)
             .await
         {
             Ok(read) => Some(read),

@@ -24,10 +24,10 @@ use crate::auth::{AuthError, Principal};
 use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
 use crate::hub::{Control, Join, Joined, SessionId, Side, Subscriber};
 use crate::metrics as m;
-use crate::node::{ConnectionGuard, Shared};
+use crate::node::{Admission, Refusal, Shared};
 use crate::outbox::{Inbox, Kind, Outbox, Outgoing};
 use crate::rules::Grant;
-use crate::wire::{self, Input, Out, Output};
+use crate::wire::{self, framing, Input, Out, Output};
 
 /// How long a closing connection may take to accept its last frames and the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -38,10 +38,10 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 /// What the HTTP layer learned before the upgrade.
 pub(crate) struct Handshake {
     pub codec: Codec,
-    /// Token from the `Authorization` header or `?token=`.
-    pub token: Option<String>,
-    /// A reason to close right after the upgrade (Origin, node full).
-    pub refuse: Option<CloseCode>,
+    /// The token from the `Authorization` header or `?token=`, verified.
+    pub auth: Option<Result<Principal, AuthError>>,
+    /// A reason to close right after the upgrade (Origin, a limit, drain).
+    pub refuse: Option<Refusal>,
 }
 
 /// Runs a connection to its end, from the upgrade on. (The upgrade is awaited here,
@@ -53,13 +53,11 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     handshake: Handshake,
-    guard: Option<ConnectionGuard>,
+    admission: Option<Admission>,
 ) -> impl Future<Output = ()> + Send {
     // A block, not an `async fn`: an async fn's arguments are stored twice in its
     // future (as captured, then moved to locals), and every connection carries it.
     async move {
-        // Held until the connection ends.
-        let _ = &guard;
         let io: TokioIo<Upgraded> = match upgrade.await {
             Ok(ws) => ws.into_inner(),
             Err(error) => {
@@ -108,11 +106,15 @@ pub(crate) fn run(
             strikes: 0,
             last_strike: std::time::Instant::now(),
             client_closed: false,
+            admission,
         };
-        if let Some(code) = handshake.refuse {
-            control.close(code);
-        } else if let Some(token) = handshake.token {
-            session.authenticate(&token, None);
+        if let Some(r) = handshake.refuse {
+            control.close_raw(r.code.code(), r.reason.into());
+        } else if let Some(auth) = handshake.auth {
+            match auth {
+                Ok(principal) => session.authenticated(principal),
+                Err(error) => session.refuse_token(&error),
+            }
         }
         // A bug while handling a frame ends this connection (1011) and nothing else; the
         // cleanup below still runs.
@@ -173,6 +175,8 @@ struct Session {
     last_strike: std::time::Instant,
     /// The client sent the close frame.
     client_closed: bool,
+    /// Its place in the node's limits, held until the connection ends (`None`: refused).
+    admission: Option<Admission>,
 }
 
 enum Read {
@@ -196,23 +200,32 @@ impl std::fmt::Display for ClientId {
 /// A connection's subscriptions (at most `limits.max_subscriptions`, usually one or
 /// a few): a list, which holds only what it has, unlike a hash map.
 #[derive(Default)]
-struct Channels(Vec<Arc<str>>);
+struct Channels(Vec<Subscription>);
+
+/// One of a connection's subscriptions.
+struct Subscription {
+    channel: Arc<str>,
+    /// When the subscription token that granted it expires (seconds since the Unix
+    /// epoch); 0 when the connection token's rights granted it. Until then a `refresh`
+    /// does not take it away.
+    token_exp: u64,
+}
 
 impl Channels {
     fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|c| &**c == name)
+        self.0.iter().any(|s| &*s.channel == name)
     }
 
-    fn insert(&mut self, channel: Arc<str>) {
+    fn insert(&mut self, channel: Arc<str>, token_exp: u64) {
         if self.0.capacity() == self.0.len() && self.0.len() < 4 {
             self.0.reserve_exact(1);
         }
-        self.0.push(channel);
+        self.0.push(Subscription { channel, token_exp });
     }
 
     fn remove(&mut self, name: &str) -> Option<Arc<str>> {
-        let i = self.0.iter().position(|c| &**c == name)?;
-        Some(self.0.swap_remove(i))
+        let i = self.0.iter().position(|s| &*s.channel == name)?;
+        Some(self.0.swap_remove(i).channel)
     }
 
     fn len(&self) -> usize {
@@ -243,10 +256,8 @@ impl Session {
         // carries what this future keeps across its waits.)
         let auth_deadline = Instant::now() + self.shared.settings.limits.auth_timeout();
         let mut ping_at = Instant::now() + self.shared.settings.limits.ping_interval();
-        // A fragmented message being put together (boxed: rare).
-        let mut fragments: Option<Box<(Vec<u8>, bool)>> = None;
-        // Skipping the rest of a fragmented message whose earlier piece was refused.
-        let mut discarding = false;
+        // A fragmented message being put together.
+        let mut fragments = framing::Fragments::default();
         loop {
             // One timer for the nearest of: authentication due (or the token's
             // expiry, once authenticated), the client's silence, and our next ping.
@@ -307,83 +318,55 @@ impl Session {
                     self.control.abort();
                     return;
                 }
+                // A whole text frame that is not UTF-8 (fastwebsockets checks those).
+                Err(WebSocketError::InvalidUTF8) => {
+                    self.control
+                        .close_raw(1007, "text frame is not valid UTF-8".into());
+                    return;
+                }
                 Err(error) => {
                     tracing::debug!(session = self.id, %error, "protocol error");
                     self.control.close(CloseCode::ProtocolError);
                     return;
                 }
-                Ok(frame) if frame.opcode != OpCode::Close && !self.admit_frame() => {
-                    // Refused by the rate limit (error sent, strike counted). A refused
-                    // piece of a fragmented message drops the whole message.
-                    if self.control.is_cancelled() {
+                Ok(frame) => {
+                    if let Err((code, reason)) = framing::check(&frame) {
+                        tracing::debug!(session = self.id, code, reason, "protocol error");
+                        self.control.close_raw(code, reason.into());
                         return;
                     }
-                    let data = matches!(
-                        frame.opcode,
-                        OpCode::Text | OpCode::Binary | OpCode::Continuation
-                    );
-                    if data && (fragments.is_some() || !frame.fin) {
-                        fragments = None;
-                        discarding = !frame.fin;
-                    }
-                    Read::Nothing
-                }
-                Ok(frame) if discarding && frame.opcode == OpCode::Continuation => {
-                    discarding = !frame.fin;
-                    Read::Nothing
-                }
-                Ok(frame) => match frame.opcode {
-                    OpCode::Text | OpCode::Binary => {
-                        discarding = false;
-                        let binary = frame.opcode == OpCode::Binary;
-                        if fragments.is_some() {
-                            self.control.close(CloseCode::ProtocolError);
+                    if frame.opcode != OpCode::Close && !self.admit_frame() {
+                        // Refused by the rate limit (error sent, strike counted). A refused
+                        // piece of a fragmented message drops the whole message.
+                        if self.control.is_cancelled() {
                             return;
                         }
-                        if frame.fin {
-                            Read::Message(frame.payload.to_vec(), binary)
-                        } else {
-                            fragments = Some(Box::new((frame.payload.to_vec(), binary)));
-                            Read::Nothing
+                        if framing::is_data(frame.opcode) {
+                            fragments.refuse(frame.fin);
                         }
-                    }
-                    OpCode::Continuation => {
-                        let Some(pieces) = fragments.as_mut() else {
-                            self.control.close(CloseCode::ProtocolError);
-                            return;
-                        };
-                        let buf = &mut pieces.0;
-                        if buf.len() + frame.payload.len()
-                            > self.shared.settings.limits.max_message_size
-                        {
-                            self.control.close(CloseCode::TooBig);
-                            return;
-                        }
-                        buf.extend_from_slice(&frame.payload);
-                        if frame.fin {
-                            let (buf, binary) = *fragments.take().expect("checked above");
-                            Read::Message(buf, binary)
-                        } else {
-                            Read::Nothing
-                        }
-                    }
-                    OpCode::Ping => Read::Ping(frame.payload.to_vec()),
-                    OpCode::Pong => Read::Nothing,
-                    OpCode::Close => {
-                        let code = match frame.payload.len() {
-                            0 => 1000,
-                            1 => CloseCode::ProtocolError.code(),
-                            _ if std::str::from_utf8(&frame.payload[2..]).is_err() => 1007,
-                            _ => match u16::from_be_bytes([frame.payload[0], frame.payload[1]]) {
-                                // Codes a client may send are echoed; others are a
-                                // protocol error.
-                                c @ (1000..=1003 | 1007..=1014 | 3000..=4999) => c,
-                                _ => CloseCode::ProtocolError.code(),
+                        Read::Nothing
+                    } else {
+                        match frame.opcode {
+                            OpCode::Text | OpCode::Binary | OpCode::Continuation => match fragments
+                                .push(
+                                    frame.opcode,
+                                    frame.fin,
+                                    frame.payload,
+                                    self.shared.settings.limits.max_message_size,
+                                ) {
+                                Ok(Some((bytes, binary))) => Read::Message(bytes, binary),
+                                Ok(None) => Read::Nothing,
+                                Err((code, reason)) => {
+                                    self.control.close_raw(code, reason.into());
+                                    return;
+                                }
                             },
-                        };
-                        Read::Close(code)
+                            OpCode::Ping => Read::Ping(frame.payload.to_vec()),
+                            OpCode::Pong => Read::Nothing,
+                            OpCode::Close => Read::Close(framing::close_code(&frame.payload)),
+                        }
                     }
-                },
+                }
             };
             match read {
                 Read::Nothing => {}
@@ -394,10 +377,6 @@ impl Session {
                     return;
                 }
                 Read::Message(bytes, binary) => {
-                    if bytes.len() > self.shared.settings.limits.max_message_size {
-                        self.control.close(CloseCode::TooBig);
-                        return;
-                    }
                     // Boxed: handling a frame (a subscribe reads history) takes far more
                     // state than waiting for one, and every idle connection would carry it.
                     Box::pin(self.on_message(&bytes, binary)).await;
@@ -503,20 +482,36 @@ impl Session {
     fn authenticate(&mut self, token: &str, _id: Option<&FrameId>) {
         match self.shared.settings.auth.verify_connection(token) {
             Ok(principal) => {
-                tracing::debug!(session = self.id, user = %principal.user, "authenticated");
-                self.shared.register(self.id, principal.user.clone());
-                self.principal = Some(principal);
-                let p = self.principal.as_ref().expect("just set");
-                let frame = ServerFrame::Connected {
-                    client: &self.client.to_string(),
-                    node: &self.shared.settings.node_id,
-                    user: &p.user,
-                    ping_interval: self.shared.settings.limits.ping_interval_secs,
+                // From the pending budget to a connection slot.
+                let admitted = match self.admission.as_mut() {
+                    Some(a) => a.connect(&principal.user),
+                    None => Err(Refusal {
+                        code: CloseCode::TryLater,
+                        reason: "the node is full; try later",
+                    }),
                 };
-                self.push(self.codec.encode(&frame));
+                match admitted {
+                    Ok(()) => self.authenticated(principal),
+                    Err(r) => self.control.close_raw(r.code.code(), r.reason.into()),
+                }
             }
             Err(error) => self.refuse_token(&error),
         }
+    }
+
+    /// The connection is `principal`'s (and admitted as such): `connected`.
+    fn authenticated(&mut self, principal: Principal) {
+        tracing::debug!(session = self.id, user = %principal.user, "authenticated");
+        self.shared.register(self.id, principal.user.clone());
+        self.principal = Some(principal);
+        let p = self.principal.as_ref().expect("just set");
+        let frame = ServerFrame::Connected {
+            client: &self.client.to_string(),
+            node: &self.shared.settings.node_id,
+            user: &p.user,
+            ping_interval: self.shared.settings.limits.ping_interval_secs,
+        };
+        self.push(self.codec.encode(&frame));
     }
 
     fn refuse_token(&self, error: &AuthError) {
@@ -560,10 +555,10 @@ impl Session {
         }
         // Subscriptions the hub ended (a finished job) are gone from the hub already.
         let (client, id_) = (self.client.to_string(), self.id);
-        self.channels.0.retain(|c| {
-            let live = shared.hub.contains(c, id_);
+        self.channels.0.retain(|s| {
+            let live = shared.hub.contains(&s.channel, id_);
             if !live {
-                shared.presence.leave(c, &client);
+                shared.presence.leave(&s.channel, &client);
             }
             live
         });
@@ -584,10 +579,10 @@ impl Session {
                 ),
             );
         }
-        let grant = match token {
-            None => Grant::None,
+        let (grant, token_exp) = match token {
+            None => (Grant::None, 0),
             Some(t) => match shared.settings.auth.verify_subscription(t, principal, name) {
-                Ok(()) => Grant::SubscriptionToken,
+                Ok(exp) => (Grant::SubscriptionToken, exp),
                 Err(e) => {
                     metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => e.label()).increment(1);
                     return self.error(
@@ -615,6 +610,8 @@ impl Session {
         let namespace = shared.settings.namespaces.for_channel(&channel);
         let conflate = namespace.conflate;
         let (presence, join_leave) = (namespace.presence, namespace.join_leave);
+        // A channel nothing was published to yet still gets a position.
+        let start = Some(namespace.history.ttl);
         let user = principal.user.clone();
         // A job's latest state comes at once, unless the client asked for something else.
         let query = match (since, last) {
@@ -642,7 +639,7 @@ impl Session {
         // `Joined::Stale`).
         let mut attempt = 0;
         let joined = loop {
-            let history = match shared.broker.history(name, query).await {
+            let history = match shared.broker.history(name, query, start).await {
                 Ok(h) => h,
                 Err(error) => {
                     tracing::warn!(session = self.id, %channel, %error, "history read failed");
@@ -687,7 +684,7 @@ impl Session {
                         join_leave,
                     );
                 }
-                self.channels.insert(channel);
+                self.channels.insert(channel, token_exp);
             }
             Joined::Ended => {
                 metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1);
@@ -833,6 +830,7 @@ impl Session {
             ),
             Ok(p) => {
                 self.principal = Some(p);
+                self.narrow_to_principal();
                 self.send(&ServerFrame::Reply { id, extra: None });
             }
             Err(e) => {
@@ -843,6 +841,47 @@ impl Session {
                     &format!("refresh token refused: {e}"),
                 )
             }
+        }
+    }
+
+    /// After a `refresh`: every subscription the new token no longer grants ends with
+    /// `unsubscribed {reason:"forbidden"}` (one granted by a subscription token stays
+    /// until that token expires).
+    fn narrow_to_principal(&mut self) {
+        let principal = self.principal.as_ref().expect("authenticated");
+        let namespaces = &self.shared.settings.namespaces;
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut ended = Vec::new();
+        self.channels.0.retain(|s| {
+            if s.token_exp > now {
+                return true;
+            }
+            let granted = namespaces.parse(&s.channel).is_ok_and(|c| {
+                namespaces
+                    .check_subscribe(principal, &c, Grant::None)
+                    .is_ok()
+            });
+            if !granted {
+                ended.push(s.channel.clone());
+            }
+            granted
+        });
+        for channel in ended {
+            tracing::info!(session = self.id, %channel, "refresh no longer grants the channel; unsubscribed");
+            metrics::counter!(m::SUBSCRIPTIONS_REVOKED_TOTAL).increment(1);
+            self.shared
+                .presence
+                .leave(&channel, &self.client.to_string());
+            if self.shared.hub.remove(&channel, self.id) {
+                // Nothing of it may follow the `unsubscribed` frame.
+                self.outbox.forget(&channel);
+                self.shared.subscriptions.release(channel.clone());
+            }
+            self.send(&ServerFrame::Unsubscribed {
+                id: None,
+                channel: &channel,
+                reason: "forbidden",
+            });
         }
     }
 
@@ -860,7 +899,10 @@ impl Session {
     }
 
     fn cleanup(&mut self) {
-        for channel in std::mem::take(&mut self.channels.0) {
+        for channel in std::mem::take(&mut self.channels.0)
+            .into_iter()
+            .map(|s| s.channel)
+        {
             self.shared
                 .presence
                 .leave(&channel, &self.client.to_string());

@@ -11,6 +11,8 @@
 //!   what the socket does not take at once is copied, into a buffer that exists only
 //!   until it is flushed. An idle connection holds no write buffer.
 
+pub mod framing;
+
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +147,7 @@ impl Input {
         let mut head = [0u8; 16];
         self.consumed += (frame.fmt_head(&mut head) + frame.payload.len()) as u64;
         let received = Received {
+            masked: head[1] & 0x80 != 0,
             fin: frame.fin,
             opcode: frame.opcode,
             payload: match frame.payload {
@@ -194,6 +197,8 @@ impl Input {
 
 /// A client frame (unmasked).
 pub struct Received {
+    /// Whether the client masked it (RFC 6455 §5.1: a client must).
+    pub masked: bool,
     pub fin: bool,
     pub opcode: OpCode,
     pub payload: BytesMut,

@@ -89,6 +89,60 @@ async fn reconnect_with_since_gets_exactly_the_missed_messages_then_live_ones() 
     }
 }
 
+/// A client that subscribed before a channel's first message and lost its connection
+/// recovers the first messages like any others: `subscribed` always carries a position.
+#[tokio::test]
+async fn a_channel_with_no_history_yet_still_gives_a_position_to_recover_from() {
+    for backend in Backend::all() {
+        let name = backend.name();
+        let node = start(backend.url().as_deref(), &[]).await;
+        let t = token("9", &["job_progress:*"]);
+        for channel in ["user:9", "job_progress:77"] {
+            let mut c = connect(&node, &t).await;
+            let sub = c.subscribe(1, channel).await;
+            assert_eq!(sub["type"], "subscribed", "{name}: {sub}");
+            assert_eq!(sub["offset"], 0, "{name}: {sub}");
+            let epoch = sub["epoch"].as_str().expect("an epoch").to_string();
+            // A second subscriber before any message sees the same position.
+            let mut other = connect(&node, &t).await;
+            let again = other.subscribe(1, channel).await;
+            assert_eq!(
+                (again["offset"].as_u64(), again["epoch"].as_str()),
+                (Some(0), Some(epoch.as_str()))
+            );
+            c.close().await;
+            // The channel's first messages, published while the client is away.
+            publish_range(&node, channel, 1..=3).await;
+            let mut c = connect(&node, &t).await;
+            c.send(json!({"type": "subscribe", "id": 2, "channel": channel,
+                          "since": {"offset": 0, "epoch": epoch}}))
+                .await;
+            let sub = c.recv_type("subscribed").await;
+            assert_eq!(
+                (
+                    sub["recovered"].as_bool(),
+                    sub["offset"].as_u64(),
+                    sub["epoch"].as_str()
+                ),
+                (Some(true), Some(3), Some(epoch.as_str())),
+                "{name}: {sub}"
+            );
+            let frames = read_until_n(&mut c, 3).await;
+            assert_eq!(numbers(&frames), vec![1, 2, 3], "{name} {channel}");
+            assert_eq!(
+                frames
+                    .iter()
+                    .filter(|f| f["type"] == "message")
+                    .map(|f| f["offset"].as_u64().unwrap())
+                    .collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            assert_eq!(numbers(&read_until_n(&mut other, 3).await), vec![1, 2, 3]);
+        }
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn last_n_and_unrecoverable_since() {
     let cfg = config_file("[namespaces.feed]\nhistory_size = 10\n");

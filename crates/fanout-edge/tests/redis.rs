@@ -80,6 +80,21 @@ async fn subscriptions_come_back_after_redis_restarts() {
         redis.numsub("user:42").unwrap() == 1 && redis.numsub("job_progress:7").unwrap() == 1
     })
     .await;
+    // Redis came back empty: what its history held is gone, and each subscriber is told
+    // so (never silent), with the channel's new position to recover from.
+    for (c, channel) in [(&mut a, "user:42"), (&mut b, "job_progress:7")] {
+        let reset = c.recv_type("subscribed").await;
+        assert_eq!(
+            (
+                reset["channel"].as_str(),
+                reset["recovered"].as_bool(),
+                reset["offset"].as_u64()
+            ),
+            (Some(channel), Some(false), Some(0)),
+            "{reset}"
+        );
+        assert!(reset["epoch"].is_string(), "{reset}");
+    }
     // Raw PUBLISH from any language reaches the clients that never reconnected.
     redis
         .cli(&["PUBLISH", "user:42", r#"{"after":"restart"}"#])

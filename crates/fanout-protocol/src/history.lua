@@ -2,11 +2,22 @@
 -- KEYS[1] = fanout:{C}:meta   KEYS[2] = fanout:{C}:history
 -- ARGV[1] = 'after' (entries with offset > ARGV[2]) or 'last' (the ARGV[2] newest)
 -- ARGV[3] = most entries to return
+-- ARGV[4] = an epoch to start the channel with if it has none ('' or absent: leave it),
+-- ARGV[5] = TTL seconds of a position started so. A subscriber of a channel nothing was
+-- published to yet gets a real position (offset 0 of that epoch), from which it can
+-- recover the channel's first messages; the publish script continues the epoch.
 -- Returns {epoch or '', top offset, {envelope, ...}} with envelopes oldest first for
 -- 'after' and newest first for 'last'. Epoch, top and entries are read atomically.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  return {'', 0, {}}
+  if (ARGV[4] or '') == '' then
+    return {'', 0, {}}
+  end
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'offset', 0)
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+  -- A stream left from an epoch that expired must not be read as this one's.
+  redis.call('DEL', KEYS[2])
+  return {ARGV[4], 0, {}}
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
 local entries = {}

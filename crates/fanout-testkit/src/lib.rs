@@ -15,6 +15,7 @@
 mod cluster;
 mod haproxy;
 mod http;
+mod raw;
 mod redis;
 mod sentinel;
 mod ws;
@@ -22,6 +23,7 @@ mod ws;
 pub use cluster::{ClusterNode, RedisCluster};
 pub use haproxy::Haproxy;
 pub use http::http;
+pub use raw::{RawFrame, RawWs};
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
 pub use sentinel::{RedisSentinel, SENTINEL_SERVICE};
 pub use ws::{Incoming, WsClient};

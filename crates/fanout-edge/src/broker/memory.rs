@@ -36,6 +36,18 @@ struct ChannelHistory {
     expires: Instant,
 }
 
+impl ChannelHistory {
+    /// A new epoch at offset 0, for `ttl` unless published to.
+    fn start(ttl: std::time::Duration) -> ChannelHistory {
+        ChannelHistory {
+            epoch: crate::config::random_token(12),
+            offset: 0,
+            kept: VecDeque::new(),
+            expires: Instant::now() + ttl,
+        }
+    }
+}
+
 impl State {
     /// The channel's history, unless it expired (then it is gone, as in Redis).
     fn live(&mut self, channel: &str) -> Option<&mut ChannelHistory> {
@@ -94,15 +106,9 @@ impl Broker for MemoryBroker {
         // in order; dispatch never waits.
         let mut state = self.state.lock().expect("memory broker lock");
         if state.live(channel).is_none() {
-            state.channels.insert(
-                channel.to_string(),
-                ChannelHistory {
-                    epoch: crate::config::random_token(12),
-                    offset: 0,
-                    kept: VecDeque::new(),
-                    expires: Instant::now(),
-                },
-            );
+            state
+                .channels
+                .insert(channel.to_string(), ChannelHistory::start(history.ttl));
         }
         let h = state.channels.get_mut(channel).expect("inserted above");
         h.offset += 1;
@@ -140,11 +146,18 @@ impl Broker for MemoryBroker {
         &self,
         channel: &str,
         query: HistoryQuery,
+        start: Option<std::time::Duration>,
     ) -> Result<HistoryRead, BrokerError> {
         let mut state = self.state.lock().expect("memory broker lock");
-        let Some(h) = state.live(channel) else {
-            return Ok(HistoryRead::default());
-        };
+        if state.live(channel).is_none() {
+            let Some(ttl) = start else {
+                return Ok(HistoryRead::default());
+            };
+            state
+                .channels
+                .insert(channel.to_string(), ChannelHistory::start(ttl));
+        }
+        let h = state.live(channel).expect("started above");
         let entries = match query {
             HistoryQuery::After(after) => h
                 .kept

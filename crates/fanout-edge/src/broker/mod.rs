@@ -71,9 +71,15 @@ pub trait Broker: Send + Sync + 'static {
         data: &RawValue,
         history: HistoryPolicy,
     ) -> Result<PublishAck, BrokerError>;
-    /// Reads the channel's epoch, last offset and kept messages, atomically.
-    async fn history(&self, channel: &str, query: HistoryQuery)
-        -> Result<HistoryRead, BrokerError>;
+    /// Reads the channel's epoch, last offset and kept messages, atomically. With
+    /// `start`, a channel that has no epoch yet gets one (at offset 0) that lives that
+    /// long unless published to: a subscriber always gets a position it can recover from.
+    async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+        start: Option<std::time::Duration>,
+    ) -> Result<HistoryRead, BrokerError>;
     /// Publishes `payload` on [`CONTROL_CHANNEL`] to every node (this one included);
     /// returns how many nodes received it.
     async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError>;

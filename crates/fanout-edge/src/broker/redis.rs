@@ -424,6 +424,7 @@ impl Broker for RedisBroker {
         &self,
         channel: &str,
         query: HistoryQuery,
+        start: Option<Duration>,
     ) -> Result<HistoryRead, BrokerError> {
         let (mode, n) = match query {
             HistoryQuery::After(after) => ("after", after),
@@ -435,6 +436,11 @@ impl Broker for RedisBroker {
             // As text: any u64 a client sends as `since` stays exact.
             n.to_string().into(),
             (MAX_HISTORY_READ as i64).into(),
+            start
+                .map(|_| crate::config::random_token(12))
+                .unwrap_or_default()
+                .into(),
+            (start.map_or(0, |t| t.as_secs().max(1)) as i64).into(),
         ];
         let client = self.publisher.client();
         let reply: Value = match client
