@@ -53,6 +53,10 @@ pub type Frame = Arc<Bytes>;
 /// connection.)
 struct Item(std::ptr::NonNull<Bytes>);
 
+// The tag lives in the pointer's lowest bit: that bit of an `Arc<Bytes>` data pointer
+// must be free, whatever the platform. Checked when compiling, not only in debug runs.
+const _: () = assert!(std::mem::align_of::<Bytes>() > Item::REPLAY);
+
 // SAFETY: an Item owns one strong count of an `Arc<Bytes>`, which is Send.
 unsafe impl Send for Item {}
 
@@ -61,8 +65,8 @@ impl Item {
 
     fn new(frame: Frame, replay: bool) -> Item {
         let ptr = Arc::into_raw(frame);
-        // `Bytes` is word-aligned, so the lowest bit of its address is free.
-        debug_assert_eq!(ptr as usize & Self::REPLAY, 0);
+        // `Bytes` is word-aligned (asserted at compile time above), so the lowest bit
+        // of its address is free.
         let tagged = ptr.map_addr(|a| a | if replay { Self::REPLAY } else { 0 });
         Item(std::ptr::NonNull::new(tagged.cast_mut()).expect("Arc pointers are not null"))
     }
@@ -123,6 +127,10 @@ struct State {
     /// Replayed frames (and their bytes) in the queue.
     replay_messages: AtomicUsize,
     replay_bytes: AtomicUsize,
+    /// Frames (and their bytes) in the conflation slots and the slot being written.
+    /// Bounded like the queue: only replacing a message is free.
+    slot_messages: AtomicUsize,
+    slot_bytes: AtomicUsize,
     /// Whether `pending` may hold something (checked without the lock).
     conflating: AtomicBool,
     /// Conflating channels' frames, in order of each channel's first overflow.
@@ -145,14 +153,43 @@ impl State {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Counts `n` frames of `bytes` into (or, negative, out of) the conflation slots.
+    fn slots_add(&self, n: isize, bytes: isize) {
+        fn add(counter: &AtomicUsize, delta: isize) {
+            if delta >= 0 {
+                counter.fetch_add(delta as usize, Ordering::Relaxed);
+            } else {
+                counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+            }
+        }
+        add(&self.slot_messages, n);
+        add(&self.slot_bytes, bytes);
+        add(&QUEUED_BYTES, bytes);
+    }
+
+    /// Whether one more frame of `len` bytes fits the conflation slots: they are
+    /// bounded by the queue's own limits (a frame larger than the byte bound still fits
+    /// empty slots).
+    fn slot_fits(&self, len: usize) -> Result<(), &'static str> {
+        if self.slot_messages.load(Ordering::Relaxed) >= self.limits.messages {
+            return Err("messages");
+        }
+        let bytes = self.slot_bytes.load(Ordering::Relaxed);
+        if bytes > 0 && bytes + len > self.limits.bytes {
+            return Err("bytes");
+        }
+        Ok(())
+    }
+
     /// Condemns the connection as a slow consumer (4009), once. `limit`: which bound
     /// it passed (`messages`, `bytes`, `replay`, or `stall`: the socket took nothing
     /// for too long).
     fn slow(&self, limit: &'static str) {
         if !self.slow.swap(true, Ordering::Relaxed) {
             metrics::counter!(m::SLOW_CONSUMER_CLOSES_TOTAL, "limit" => limit).increment(1);
-            let queued_bytes =
-                self.live_bytes.load(Ordering::Relaxed) + self.replay_bytes.load(Ordering::Relaxed);
+            let queued_bytes = self.live_bytes.load(Ordering::Relaxed)
+                + self.replay_bytes.load(Ordering::Relaxed)
+                + self.slot_bytes.load(Ordering::Relaxed);
             tracing::info!(limit, queued_bytes, "slow consumer, closing with 4009");
             self.control.close(CloseCode::SlowConsumer);
         }
@@ -193,6 +230,8 @@ impl Outbox {
             live_bytes: AtomicUsize::new(0),
             replay_messages: AtomicUsize::new(0),
             replay_bytes: AtomicUsize::new(0),
+            slot_messages: AtomicUsize::new(0),
+            slot_bytes: AtomicUsize::new(0),
             conflating: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             pong: Mutex::new(None),
@@ -279,18 +318,34 @@ impl Outbox {
         replay: bool,
     ) -> bool {
         let frame = frame.into();
-        if self.state.slow.load(Ordering::Relaxed) {
+        let s = &self.state;
+        if s.slow.load(Ordering::Relaxed) {
             return false;
         }
-        if self.state.conflating.load(Ordering::Acquire) {
-            let mut pending = self.state.pending();
+        if s.conflating.load(Ordering::Acquire) {
+            let mut pending = s.pending();
             if let Some(slot) = pending.iter_mut().find(|s| &s.channel == channel) {
+                let len = frame.len() as isize;
                 match slot.frames.last_mut() {
+                    // Replacing a message is always allowed: it is what conflation is for.
                     Some(last) if replaceable && slot.last_replaceable => {
+                        s.slots_add(0, len - last.len() as isize);
                         *last = frame;
                         metrics::counter!(m::CONFLATED_MESSAGES_TOTAL).increment(1);
                     }
-                    _ => slot.frames.push(frame),
+                    // A notice (join, leave, unsubscribed), or a message after one, adds
+                    // a frame: within the bounds, like any queued frame.
+                    _ => match s.slot_fits(frame.len()) {
+                        Ok(()) => {
+                            s.slots_add(1, len);
+                            slot.frames.push(frame);
+                        }
+                        Err(limit) => {
+                            drop(pending);
+                            self.slow(limit);
+                            return false;
+                        }
+                    },
                 }
                 slot.last_replaceable = replaceable;
                 return true;
@@ -305,15 +360,21 @@ impl Outbox {
             Ok(()) => true,
             Err(Refused::Closed) => false,
             Err(Refused::Full(_, frame)) => {
-                let mut pending = self.state.pending();
+                let mut pending = s.pending();
+                if let Err(limit) = s.slot_fits(frame.len()) {
+                    drop(pending);
+                    self.slow(limit);
+                    return false;
+                }
+                s.slots_add(1, frame.len() as isize);
                 pending.push(Slot {
                     channel: channel.clone(),
                     frames: vec![frame],
                     last_replaceable: replaceable,
                 });
-                self.state.conflating.store(true, Ordering::Release);
+                s.conflating.store(true, Ordering::Release);
                 drop(pending);
-                self.state.wake.wake();
+                s.wake.wake();
                 true
             }
         }
@@ -321,8 +382,16 @@ impl Outbox {
 
     /// Drops what waits in `channel`'s conflation slot (the client unsubscribed).
     pub fn forget(&self, channel: &str) {
-        if self.state.conflating.load(Ordering::Acquire) {
-            self.state.pending().retain(|s| &*s.channel != channel);
+        let s = &self.state;
+        if s.conflating.load(Ordering::Acquire) {
+            s.pending().retain(|slot| {
+                if &*slot.channel != channel {
+                    return true;
+                }
+                let bytes: usize = slot.frames.iter().map(|f| f.len()).sum();
+                s.slots_add(-(slot.frames.len() as isize), -(bytes as isize));
+                false
+            });
         }
     }
 
@@ -375,16 +444,20 @@ impl Outbox {
         &self.state.control
     }
 
-    /// Frames waiting in the queue (live and replayed).
+    /// Frames waiting (live, replayed, and in conflation slots).
     pub fn queued(&self) -> usize {
         let s = &self.state;
-        s.live_messages.load(Ordering::Relaxed) + s.replay_messages.load(Ordering::Relaxed)
+        s.live_messages.load(Ordering::Relaxed)
+            + s.replay_messages.load(Ordering::Relaxed)
+            + s.slot_messages.load(Ordering::Relaxed)
     }
 
-    /// Bytes waiting in the queue (live and replayed).
+    /// Bytes waiting (live, replayed, and in conflation slots).
     pub fn queued_bytes(&self) -> usize {
         let s = &self.state;
-        s.live_bytes.load(Ordering::Relaxed) + s.replay_bytes.load(Ordering::Relaxed)
+        s.live_bytes.load(Ordering::Relaxed)
+            + s.replay_bytes.load(Ordering::Relaxed)
+            + s.slot_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -423,12 +496,16 @@ impl Inbox {
         self.pop_current()
     }
 
-    /// The next frame of the conflation slot being written.
+    /// The next frame of the conflation slot being written (counted out of the slots'
+    /// accounting as it is taken).
     fn pop_current(&mut self) -> Option<Frame> {
         let current = self.current.as_mut()?;
         let frame = current.pop_front();
         if current.is_empty() {
             self.current = None;
+        }
+        if let Some(f) = &frame {
+            self.state.slots_add(-1, -(f.len() as isize));
         }
         frame
     }
@@ -519,6 +596,16 @@ impl Drop for Inbox {
         while let Ok(item) = self.rx.try_recv() {
             self.taken(item);
         }
+        // Slots too (an Outbox may outlive this, but nothing drains them now).
+        self.state.slow.store(true, Ordering::Relaxed);
+        let mut pending = self.state.pending();
+        for slot in pending.drain(..) {
+            for f in slot.frames {
+                self.state.slots_add(-1, -(f.len() as isize));
+            }
+        }
+        drop(pending);
+        while self.pop_current().is_some() {}
     }
 }
 
@@ -630,8 +717,11 @@ mod tests {
 
     #[test]
     fn notices_of_a_conflating_channel_keep_their_place() {
-        let (o, mut i) = outbox(1, 1 << 20);
+        // A queue of 3 (and so room for 3 frames in the slots), holding 2.
+        let (o, mut i) = outbox(3, 1 << 20);
         let a: Arc<str> = Arc::from("job_progress:a");
+        assert!(o.push(Bytes::from_static(b"q1")));
+        assert!(o.push(Bytes::from_static(b"q2")));
         assert!(o.push_channel(&a, Bytes::from_static(b"m1"), true, false));
         assert!(o.push_channel(&a, Bytes::from_static(b"m2"), true, false));
         assert!(o.push_channel(&a, Bytes::from_static(b"m3"), true, false));
@@ -641,14 +731,112 @@ mod tests {
         let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
         assert_eq!(
             got,
-            ["m1", "m3", "done", "m4"].map(|s| Bytes::from_static(s.as_bytes()))
+            ["q1", "q2", "m1", "m3", "done", "m4"].map(|s| Bytes::from_static(s.as_bytes()))
         );
         // `forget` drops a channel's waiting frames.
-        assert!(o.push_channel(&a, Bytes::from_static(b"x1"), true, false));
-        assert!(o.push_channel(&a, Bytes::from_static(b"x2"), true, false));
+        for x in ["x1", "x2", "x3", "x4"] {
+            assert!(o.push_channel(&a, Bytes::from_static(x.as_bytes()), true, false));
+        }
         o.forget("job_progress:a");
-        assert_eq!(i.try_recv().unwrap(), Bytes::from_static(b"x1"));
-        assert_eq!(i.try_recv(), None);
+        let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
+        assert_eq!(
+            got,
+            ["x1", "x2", "x3"].map(|s| Bytes::from_static(s.as_bytes()))
+        );
+        assert_eq!(o.queued(), 0);
+    }
+
+    #[test]
+    fn conflation_slots_are_accounted_and_bounded_like_the_queue() {
+        let before = queued_bytes();
+        let (o, mut i) = outbox(2, 1 << 20);
+        let a: Arc<str> = Arc::from("chat:a");
+        assert!(o.push_channel(&a, Bytes::from_static(b"q1"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"q2"), true, false));
+        // Over the queue: the slot holds it, counted.
+        assert!(o.push_channel(&a, Bytes::from_static(b"m1"), true, false));
+        assert_eq!((o.queued(), o.queued_bytes()), (3, 6));
+        // Replacing a message changes the bytes, not the count.
+        assert!(o.push_channel(&a, Bytes::from_static(b"m2-longer"), true, false));
+        assert_eq!((o.queued(), o.queued_bytes()), (3, 13));
+        assert!(queued_bytes() >= before + 13);
+        // A notice adds a frame: within the bound (2 frames in slots) …
+        assert!(o.push_channel(&a, Bytes::from_static(b"join"), false, false));
+        assert_eq!(o.queued(), 4);
+        // … and past it the connection is a slow consumer, like for the queue.
+        assert!(!o.push_channel(&a, Bytes::from_static(b"leave"), false, false));
+        assert_eq!(o.control().code(), Some(CloseCode::SlowConsumer));
+        let got: Vec<Bytes> = std::iter::from_fn(|| i.try_recv()).collect();
+        assert_eq!(got.len(), 4);
+        assert_eq!((o.queued(), o.queued_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn forgotten_and_dropped_slots_leave_the_accounting() {
+        let (o, i) = outbox(2, 1 << 20);
+        let a: Arc<str> = Arc::from("chat:a");
+        let b: Arc<str> = Arc::from("chat:b");
+        assert!(o.push_channel(&a, Bytes::from_static(b"q1"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"q2"), true, false));
+        assert!(o.push_channel(&a, Bytes::from_static(b"aa"), true, false));
+        assert!(o.push_channel(&b, Bytes::from_static(b"bbb"), true, false));
+        assert_eq!((o.queued(), o.queued_bytes()), (4, 9));
+        o.forget("chat:a");
+        assert_eq!((o.queued(), o.queued_bytes()), (3, 7));
+        drop(i);
+        assert_eq!((o.queued(), o.queued_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn items_cross_threads_intact() {
+        // Exercised under a memory checker in CI (scripts/test.sh): every frame is
+        // taken once and freed once, tagged or not, across threads.
+        let limits = QueueLimits {
+            messages: 100_000,
+            bytes: 1 << 30,
+            replay_messages: 100_000,
+            replay_bytes: 1 << 30,
+        };
+        let (o, mut i) = Outbox::new(limits, Arc::new(Control::new()));
+        let frames: Vec<Frame> = (0..64u8)
+            .map(|n| Arc::new(Bytes::from(vec![n; 33])))
+            .collect();
+        let pusher = {
+            let frames = frames.clone();
+            std::thread::spawn(move || {
+                for round in 0..200 {
+                    for f in &frames {
+                        if round % 2 == 0 {
+                            assert!(o.push(f.clone()));
+                        } else {
+                            assert!(o.push_replay(f.clone()));
+                        }
+                    }
+                    if round % 50 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        };
+        let mut taken = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while taken < 200 * 64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {taken} frames taken"
+            );
+            match i.try_next() {
+                Some(out) => {
+                    assert_eq!(out.frame[0] as usize, taken % 64);
+                    taken += 1;
+                }
+                None => std::thread::yield_now(),
+            }
+        }
+        pusher.join().unwrap();
+        for f in &frames {
+            assert_eq!(Arc::strong_count(f), 1);
+        }
     }
 
     #[test]

@@ -683,6 +683,41 @@ async fn a_conflating_namespace_keeps_a_slow_client_with_the_newest_state() {
     }
 }
 
+/// Notices (join/leave) of a conflating channel cannot be conflated away: once the
+/// queue is full they wait beside it, counted and bounded like queued frames, so a
+/// client that reads nothing while others come and go is closed 4009, not left to
+/// grow for ever.
+#[tokio::test]
+async fn notices_waiting_for_a_slow_conflating_client_are_bounded() {
+    let cfg = config_file(
+        "[limits]\nqueue_messages = 8\n[namespaces.room]\nconflate = true\njoin_leave = true\nhistory_size = 0\nsubscribe = \"authenticated\"\n",
+    );
+    let node = start_configured(&Backend::Memory, &cfg).await;
+    let mut slow = connect(&node, &token("1", &[])).await;
+    assert_eq!(slow.subscribe(1, "room:r").await["type"], "subscribed");
+    let _slow = slow.into_inner();
+    // Fill the socket buffers and the queue.
+    let blob = "z".repeat(32 * 1024);
+    for n in 0..600u64 {
+        let (s, b) = api_publish(&node, "room:r", json!({"n": n, "blob": blob})).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    assert!(metric(&node, "fanout_conflated_messages_total").await >= 1.0);
+    let series = "fanout_slow_consumer_closes_total{limit=\"messages\"";
+    let before = metric(&node, series).await;
+    // Others come and go: each join and leave is a notice for the slow client.
+    for round in 0..20 {
+        let mut c = connect(&node, &token(&format!("u{round}"), &[])).await;
+        assert_eq!(c.subscribe(1, "room:r").await["type"], "subscribed");
+        c.close().await;
+    }
+    eventually("the slow client closed for its waiting notices", || async {
+        metric(&node, series).await - before >= 1.0
+    })
+    .await;
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_liveness_probe_catches_a_frozen_redis() {
     let redis = RedisServer::start().unwrap();
