@@ -997,20 +997,65 @@ fn write_loop(
     }
 }
 
-/// Waits until the socket has taken what was written, for at most `stall` (then
-/// `TimedOut`). If the connection is closed meanwhile (a write stuck on a client that
-/// does not read), the write gets [`CLOSE_GRACE`] to finish — then the loop sends the
-/// close frame — or the connection is dropped. So the writer can never hang.
+/// Waits until the socket has taken what was written, while the client keeps taking
+/// bytes: `TimedOut` once it has taken nothing for `stall` (a slow but steady reader is
+/// never cut off, however long the flush). If the connection is closed meanwhile (a
+/// write stuck on a client that does not read), the write gets [`CLOSE_GRACE`] to
+/// finish — then the loop sends the close frame — or the connection is dropped. So the
+/// writer can never hang.
 async fn flush_guarded(
     out: &mut Output,
     control: &Control,
     stall: Duration,
 ) -> std::io::Result<()> {
-    tokio::select! {
-        // The write first: the token is checked only while it waits.
-        biased;
-        r = within(stall, out.flush()) => r,
-        _ = control.cancelled(Side::Writer) => within(CLOSE_GRACE, out.flush()).await,
+    let mut watch = Stall::new(out.progress(), stall);
+    loop {
+        let tick = tokio::select! {
+            // The write first: the token is checked only while it waits.
+            biased;
+            r = tokio::time::timeout(watch.tick(), out.flush()) => r,
+            _ = control.cancelled(Side::Writer) => return within(CLOSE_GRACE, out.flush()).await,
+        };
+        match tick {
+            Ok(r) => return r,
+            Err(_) if watch.stalled(out.progress(), std::time::Instant::now()) => {
+                return Err(std::io::ErrorKind::TimedOut.into())
+            }
+            // Still taking bytes (or not for long yet): keep waiting.
+            Err(_) => {}
+        }
+    }
+}
+
+/// Whether a client has taken nothing for a while: progress is sampled every quarter
+/// of the limit, and the limit counts from the last sample that moved.
+struct Stall {
+    limit: Duration,
+    mark: u64,
+    since: std::time::Instant,
+}
+
+impl Stall {
+    fn new(progress: u64, limit: Duration) -> Stall {
+        Stall {
+            limit,
+            mark: progress,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        (self.limit / 4).max(Duration::from_millis(50))
+    }
+
+    /// Takes a sample at `now`; true once nothing moved for the whole limit.
+    fn stalled(&mut self, progress: u64, now: std::time::Instant) -> bool {
+        if progress != self.mark {
+            self.mark = progress;
+            self.since = now;
+            return false;
+        }
+        now.duration_since(self.since) >= self.limit
     }
 }
 
@@ -1102,7 +1147,24 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
-    use super::TokenBucket;
+    use super::{Stall, TokenBucket};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_stall_is_counted_from_the_last_progress() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut w = Stall::new(100, s(8));
+        assert_eq!(w.tick(), s(2));
+        // Slow but steady: never stalled, however long it takes in all.
+        for i in 1..=20u64 {
+            assert!(!w.stalled(100 + i, t0 + s(2 * i)));
+        }
+        // Then nothing: stalled once a whole limit passed since the last move.
+        assert!(!w.stalled(120, t0 + s(42)));
+        assert!(!w.stalled(120, t0 + s(47)));
+        assert!(w.stalled(120, t0 + s(48)));
+    }
 
     #[test]
     fn bucket_allows_burst_then_refuses() {

@@ -57,6 +57,7 @@ pub fn split(tcp: TcpStream, pre_read: Bytes, max_message_size: usize) -> (Input
         Output {
             socket,
             pending: None,
+            written: 0,
         },
     )
 }
@@ -218,6 +219,8 @@ pub struct Output {
     /// it stopped.
     /// (Boxed: the writer's task, which every connection has, carries one word.)
     pending: Option<Box<BytesMut>>,
+    /// Bytes handed to the socket, in all.
+    written: u64,
 }
 
 impl Output {
@@ -256,6 +259,7 @@ impl Output {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),
         };
+        self.written += written as u64;
         if written < total {
             // Keep the rest, in order.
             let pending = self
@@ -291,13 +295,42 @@ impl Output {
             ready!(self.socket.tcp.poll_write_ready(cx))?;
             match self.socket.tcp.try_write(pending) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => pending.advance(n),
+                Ok(n) => {
+                    pending.advance(n);
+                    self.written += n as u64;
+                }
                 // Readiness was stale: poll_write_ready waits again.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// How far the client has taken what was written: a number that grows whenever it
+    /// does. On Linux, the bytes the peer acknowledged (handed to the socket, less what
+    /// the kernel still holds unacknowledged), which moves as soon as the client reads
+    /// — unlike write readiness, which the kernel signals only once half its send
+    /// buffer has drained. Elsewhere, the bytes the socket took.
+    pub fn progress(&self) -> u64 {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let mut unacked: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int (the bytes in the send queue) to the
+            // pointer, which is valid for the call; the fd is this socket's, open.
+            let rc = unsafe {
+                libc::ioctl(
+                    self.socket.tcp.as_raw_fd(),
+                    libc::TIOCOUTQ,
+                    &mut unacked as *mut libc::c_int,
+                )
+            };
+            if rc == 0 && unacked >= 0 {
+                return self.written.saturating_sub(unacked as u64);
+            }
+        }
+        self.written
     }
 
     /// Whether everything written has gone to the socket.

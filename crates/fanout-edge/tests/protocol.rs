@@ -162,6 +162,60 @@ async fn a_client_that_pings_but_never_reads_is_closed_4009_once_its_socket_stal
     node.shutdown().await;
 }
 
+/// "Takes nothing for the stall timeout" means exactly that: a client that reads
+/// slowly but steadily is never closed, however long a flush takes (here a flush of a
+/// burst takes far longer than the 7 s stall timeout at the client's pace).
+#[tokio::test]
+async fn a_client_reading_slowly_but_steadily_is_not_taken_for_stalled() {
+    let cfg = config_file(
+        "[limits]\nping_interval_secs = 1\nqueue_messages = 100000\nqueue_bytes = 268435456\n",
+    );
+    let node = start_configured(&Backend::Memory, &cfg).await;
+    // A small receive buffer: what the client reads is what it takes.
+    let path = format!("/ws?token={}", token("15", &["chat:*"]));
+    let mut c =
+        fanout_testkit::RawWs::connect_with_rcvbuf(node.local_addr(), &path, Some(8192)).await;
+    assert!(String::from_utf8_lossy(&c.next().await.unwrap().payload).contains("connected"));
+    let mask = Some([1, 2, 3, 4]);
+    c.send_frame(
+        true,
+        1,
+        br#"{"type":"subscribe","id":1,"channel":"chat:slow"}"#,
+        mask,
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&c.next().await.unwrap().payload).contains("subscribed"));
+    // 16 MB queued at once.
+    let blob = "s".repeat(30 * 1024);
+    for n in 0..550 {
+        let (status, body) = api_publish(&node, "chat:slow", json!({"n": n, "blob": blob})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // About 100 KB/s for 12 s, pinging so as not to be silent: never 7 s without
+    // taking a byte.
+    let series = "fanout_slow_consumer_closes_total{limit=\"stall\"";
+    let started = std::time::Instant::now();
+    let mut read = 0;
+    let mut ticks = 0u32;
+    while started.elapsed() < Duration::from_secs(12) {
+        let n = c.read_raw(10 * 1024).await;
+        assert!(n > 0, "closed after {read} bytes, {:?}", started.elapsed());
+        read += n;
+        ticks += 1;
+        if ticks % 5 == 0 {
+            c.send_frame(true, 9, b"p", mask).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        metric(&node, series).await,
+        0.0,
+        "closed as stalled after {read} bytes"
+    );
+    assert!(read > 500_000, "read only {read} bytes");
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_tokens_close_with_4001_and_expired_with_4004() {
     let node = start(

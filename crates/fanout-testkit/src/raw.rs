@@ -35,7 +35,21 @@ impl RawWs {
     /// Upgrades `path_and_query` (e.g. `/ws?token=…`) on `addr`; panics unless the
     /// server answers 101.
     pub async fn connect(addr: std::net::SocketAddr, path_and_query: &str) -> RawWs {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        Self::connect_with_rcvbuf(addr, path_and_query, None).await
+    }
+
+    /// The same, with the socket's receive buffer set to `rcvbuf` bytes first (a
+    /// client whose kernel holds little, so that what it reads is what it takes).
+    pub async fn connect_with_rcvbuf(
+        addr: std::net::SocketAddr,
+        path_and_query: &str,
+        rcvbuf: Option<u32>,
+    ) -> RawWs {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
+        }
+        let mut stream = socket.connect(addr).await.expect("connect");
         let request = format!(
             "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
@@ -93,6 +107,21 @@ impl RawWs {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+    }
+
+    /// Reads up to `max` bytes as they come (frames unparsed); 0 when the connection
+    /// ended.
+    pub async fn read_raw(&mut self, max: usize) -> usize {
+        if !self.buf.is_empty() {
+            let n = self.buf.len().min(max);
+            self.buf.drain(..n);
+            return n;
+        }
+        let mut chunk = vec![0u8; max];
+        tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("bytes within 10 s")
+            .unwrap_or(0)
     }
 
     /// Reads until the close frame; its code (`None` if the connection ended without).
