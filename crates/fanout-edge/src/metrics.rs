@@ -39,6 +39,8 @@ pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_tota
 pub const BROKER_TOPOLOGY_CHANGES_TOTAL: &str = "fanout_broker_topology_changes_total";
 pub const DRAINING: &str = "fanout_draining";
 pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
+pub const PRESENCE_REFRESH_SECONDS: &str = "fanout_presence_refresh_seconds";
+pub const PRESENCE_REFRESH_ERRORS_TOTAL: &str = "fanout_presence_refresh_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -61,6 +63,17 @@ pub fn install() -> PrometheusHandle {
                         &[
                             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                             5.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    // A sweep must finish well within a third of the presence TTL
+                    // (3–3600 s).
+                    b.set_buckets_for_metric(
+                        Matcher::Full(PRESENCE_REFRESH_SECONDS.into()),
+                        &[
+                            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                            30.0,
                         ],
                     )
                 })
@@ -98,6 +111,7 @@ fn describe() {
             metrics::counter!(name, label => *value).increment(0);
         }
     }
+    metrics::counter!(PRESENCE_REFRESH_ERRORS_TOTAL).increment(0);
     describe_gauge!(
         CONNECTIONS,
         Unit::Count,
@@ -248,6 +262,16 @@ fn describe() {
         INTERNAL_ERRORS_TOTAL,
         Unit::Count,
         "Bugs caught at run time (a contained panic), by place; each is also logged at error."
+    );
+    describe_histogram!(
+        PRESENCE_REFRESH_SECONDS,
+        Unit::Seconds,
+        "Time one presence refresh sweep took (every entry of this node rewritten, one broker call per channel)."
+    );
+    describe_counter!(
+        PRESENCE_REFRESH_ERRORS_TOTAL,
+        Unit::Count,
+        "Channels whose presence refresh failed (retried by the next sweep; each failing sweep also logs one warn line)."
     );
     describe_counter!(
         API_REQUESTS_TOTAL,
