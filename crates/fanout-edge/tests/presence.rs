@@ -503,3 +503,80 @@ async fn prune_keeps_an_entry_refreshed_since_it_was_read() {
         node.shutdown().await;
     }
 }
+
+/// In Redis Cluster each channel's refresh (and prune) is one script call in the
+/// channel's own slot: entries of channels on every shard are written, refreshed and
+/// pruned, and keep their key's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_and_prune_in_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(|| fanout_testkit::RedisCluster::start(3, 0))
+        .await
+        .unwrap()
+        .expect("redis cluster");
+    let node = start(Some(&cluster.url()), &["--presence-ttl-secs", "3"]).await;
+    let presence = node.shared().presence.clone();
+    let masters = cluster.masters().unwrap();
+    // 12 channels, with each channel's primary.
+    let channels: Vec<(String, u16)> = (0..12)
+        .map(|i| {
+            let channel = format!("chat:k{i}");
+            let slot = cluster.keyslot(&channel).unwrap();
+            (channel, cluster.owner_of_slot(slot, masters[0]).unwrap())
+        })
+        .collect();
+    let mut shards: Vec<u16> = channels.iter().map(|(_, p)| *p).collect();
+    shards.sort();
+    shards.dedup();
+    assert_eq!(shards.len(), 3, "channels on every shard: {channels:?}");
+    for (channel, _) in &channels {
+        let channel: std::sync::Arc<str> = channel.as_str().into();
+        for i in 0..50 {
+            let client = format!("{channel}-{i}");
+            presence.join(channel.clone(), &client, info(&client), false);
+        }
+    }
+    // Every entry written, then every one refreshed after `t0`.
+    let expiries = |channel: &str, port: u16| -> Vec<u64> {
+        let key = format!("fanout:{{{channel}}}:presence");
+        let values = cluster.node(port).cli(&["HVALS", &key]).unwrap();
+        values
+            .lines()
+            .filter_map(|l| l.split_once('|')?.0.parse().ok())
+            .collect()
+    };
+    within(15, "every entry written", || async {
+        channels
+            .iter()
+            .all(|(c, port)| expiries(c, *port).len() == 50)
+    })
+    .await;
+    let t0 = fanout_protocol::now_ms();
+    within(15, "every entry refreshed", || async {
+        channels
+            .iter()
+            .all(|(c, port)| expiries(c, *port).iter().all(|&u| u >= t0 + 3000))
+    })
+    .await;
+    for (channel, port) in &channels {
+        let key = format!("fanout:{{{channel}}}:presence");
+        let pttl: i64 = cluster
+            .node(*port)
+            .cli(&["PTTL", &key])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(pttl > 3000, "{channel}: key PTTL {pttl} ms");
+        assert_eq!(presence.list(channel).await.unwrap().len(), 50, "{channel}");
+    }
+    // A read prunes an expired entry in the channel's slot, and only that.
+    let (channel, port) = &channels[0];
+    let key = format!("fanout:{{{channel}}}:presence");
+    let dead = format!("1|{}", info("dead"));
+    cluster
+        .node(*port)
+        .cli(&["HSET", &key, "dead", &dead])
+        .unwrap();
+    assert_eq!(presence.list(channel).await.unwrap().len(), 50);
+    assert_eq!(cluster.node(*port).cli(&["HLEN", &key]).unwrap(), "50");
+    node.shutdown().await;
+}
