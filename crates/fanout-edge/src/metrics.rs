@@ -42,6 +42,8 @@ pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
 pub const SUBSCRIPTIONS_REVOKED_TOTAL: &str = "fanout_subscriptions_revoked_total";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "fanout_connections_refused_total";
 pub const PENDING_AUTH_CONNECTIONS: &str = "fanout_pending_auth_connections";
+pub const PRESENCE_REFRESH_SECONDS: &str = "fanout_presence_refresh_seconds";
+pub const PRESENCE_REFRESH_ERRORS_TOTAL: &str = "fanout_presence_refresh_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -64,6 +66,17 @@ pub fn install() -> PrometheusHandle {
                         &[
                             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                             5.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    // A sweep must finish well within a third of the presence TTL
+                    // (3–3600 s).
+                    b.set_buckets_for_metric(
+                        Matcher::Full(PRESENCE_REFRESH_SECONDS.into()),
+                        &[
+                            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                            30.0,
                         ],
                     )
                 })
@@ -112,6 +125,7 @@ fn describe() {
             metrics::counter!(name, label => *value).increment(0);
         }
     }
+    metrics::counter!(PRESENCE_REFRESH_ERRORS_TOTAL).increment(0);
     describe_gauge!(
         CONNECTIONS,
         Unit::Count,
@@ -277,6 +291,16 @@ fn describe() {
         INTERNAL_ERRORS_TOTAL,
         Unit::Count,
         "Bugs caught at run time (a contained panic), by place; each is also logged at error."
+    );
+    describe_histogram!(
+        PRESENCE_REFRESH_SECONDS,
+        Unit::Seconds,
+        "Time one presence refresh sweep took (every entry of this node rewritten, one broker call per channel)."
+    );
+    describe_counter!(
+        PRESENCE_REFRESH_ERRORS_TOTAL,
+        Unit::Count,
+        "Channels whose presence refresh failed (retried by the next sweep; each failing sweep also logs one warn line)."
     );
     describe_counter!(
         API_REQUESTS_TOTAL,

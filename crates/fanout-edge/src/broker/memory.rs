@@ -217,19 +217,18 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn presence_set(
+    async fn presence_refresh(
         &self,
         channel: &str,
-        client: &str,
-        info: &str,
+        entries: &[(String, String)],
         ttl: std::time::Duration,
     ) -> Result<(), BrokerError> {
         let mut state = self.state.lock().expect("memory broker lock");
-        state
-            .presence
-            .entry(channel.to_string())
-            .or_default()
-            .insert(client.to_string(), (info.to_string(), Instant::now() + ttl));
+        let until = Instant::now() + ttl;
+        let clients = state.presence.entry(channel.to_string()).or_default();
+        for (client, info) in entries {
+            clients.insert(client.clone(), (info.clone(), until));
+        }
         Ok(())
     }
 
@@ -242,6 +241,29 @@ impl Broker for MemoryBroker {
             }
         }
         Ok(())
+    }
+
+    async fn presence_prune(
+        &self,
+        channel: &str,
+        clients: &[String],
+    ) -> Result<usize, BrokerError> {
+        let mut state = self.state.lock().expect("memory broker lock");
+        let now = Instant::now();
+        let Some(entries) = state.presence.get_mut(channel) else {
+            return Ok(0);
+        };
+        let mut pruned = 0;
+        for client in clients {
+            if entries.get(client).is_some_and(|(_, until)| *until <= now) {
+                entries.remove(client);
+                pruned += 1;
+            }
+        }
+        if entries.is_empty() {
+            state.presence.remove(channel);
+        }
+        Ok(pruned)
     }
 
     async fn presence(&self, channel: &str) -> Result<Vec<String>, BrokerError> {

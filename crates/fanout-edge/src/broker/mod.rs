@@ -104,10 +104,28 @@ pub trait Broker: Send + Sync + 'static {
         client: &str,
         info: &str,
         ttl: std::time::Duration,
+    ) -> Result<(), BrokerError> {
+        self.presence_refresh(channel, &[(client.to_string(), info.to_string())], ttl)
+            .await
+    }
+    /// Records (or refreshes) every `(client, info)` of `entries` as present on
+    /// `channel` until `ttl` from now, in one step: Redis gets one script call that
+    /// writes the entries and keeps the key's expiry beyond theirs, atomically.
+    async fn presence_refresh(
+        &self,
+        channel: &str,
+        entries: &[(String, String)],
+        ttl: std::time::Duration,
     ) -> Result<(), BrokerError>;
     /// Forgets `client` on `channel`.
     async fn presence_remove(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
-    /// The info of every client present on `channel` (expired entries left out).
+    /// Deletes the entries of `clients` on `channel` that have expired, checking each
+    /// one's stored expiry at deletion time (atomically, in Redis a script): an entry
+    /// refreshed since the caller saw it expired stays. Returns how many were deleted.
+    async fn presence_prune(&self, channel: &str, clients: &[String])
+        -> Result<usize, BrokerError>;
+    /// The info of every client present on `channel` (expired entries left out, and
+    /// pruned with [`presence_prune`](Self::presence_prune)).
     async fn presence(&self, channel: &str) -> Result<Vec<String>, BrokerError>;
     /// Closes connections.
     async fn shutdown(&self);

@@ -31,6 +31,8 @@ pub struct RedisBroker {
     sharded: bool,
     publisher: Publisher,
     history_sha: String,
+    presence_refresh_sha: String,
+    presence_prune_sha: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -122,6 +124,14 @@ fn pong_of(reply: &Value, token: &str) -> bool {
     }
 }
 
+/// Writes presence entries of one channel and lengthens its key's expiry, atomically
+/// (see the script's header for the arguments).
+pub const PRESENCE_REFRESH_SCRIPT: &str = include_str!("presence_refresh.lua");
+
+/// Deletes the presence entries of one channel that are expired at deletion time
+/// (see the script's header for the arguments).
+pub const PRESENCE_PRUNE_SCRIPT: &str = include_str!("presence_prune.lua");
+
 /// The set of nodes that have reported.
 const NODES_KEY: &str = "fanout:nodes";
 
@@ -189,6 +199,23 @@ async fn watch_topology(subscriber: Client, sink: BrokerSink) {
 }
 
 impl RedisBroker {
+    /// Runs a script by its SHA1, loading it (EVAL) when Redis does not have it yet.
+    async fn script<R: FromValue>(
+        &self,
+        sha: &str,
+        script: &str,
+        key: String,
+        args: Vec<Value>,
+    ) -> Result<R, BrokerError> {
+        let client = self.publisher.client();
+        match client.evalsha(sha, key.clone(), args.clone()).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                client.eval(script, key, args).await.map_err(unavailable)
+            }
+            other => other.map_err(unavailable),
+        }
+    }
+
     /// Brings the subscriber connection in step: PINGs with fresh tokens until one is
     /// answered by its own PONG. A reply meant for an earlier command (left over from a
     /// refusal) is let through first by waiting, since fred drops replies that arrive
@@ -339,6 +366,8 @@ impl RedisBroker {
             sharded,
             publisher: Publisher::from_client(command),
             history_sha: fred::util::sha1_hash(layout::HISTORY_SCRIPT),
+            presence_refresh_sha: fred::util::sha1_hash(PRESENCE_REFRESH_SCRIPT),
+            presence_prune_sha: fred::util::sha1_hash(PRESENCE_PRUNE_SCRIPT),
             tasks,
         })
     }
@@ -517,27 +546,35 @@ impl Broker for RedisBroker {
         .map_err(unavailable)
     }
 
-    async fn presence_set(
+    async fn presence_refresh(
         &self,
         channel: &str,
-        client_id: &str,
-        info: &str,
+        entries: &[(String, String)],
         ttl: Duration,
     ) -> Result<(), BrokerError> {
         // One hash per channel (hash-tagged with it): field = client, value =
         // `<expiry ms>|<info>`. Entries not refreshed in time are skipped by readers and
         // pruned; the key itself outlives its last refresh by a TTL.
-        let client = self.publisher.client();
-        let key = layout::presence_key(channel);
-        let until = fanout_protocol::now_ms() + ttl.as_millis() as u64;
-        let _: () = client
-            .hset(&key, (client_id, format!("{until}|{info}")))
-            .await
-            .map_err(unavailable)?;
-        let _: () = client
-            .pexpire(&key, 2 * ttl.as_millis() as i64, None)
-            .await
-            .map_err(unavailable)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = ttl.as_millis() as u64;
+        let until = fanout_protocol::now_ms() + ttl_ms;
+        let mut args: Vec<Value> = Vec::with_capacity(2 + 2 * entries.len());
+        args.push(until.to_string().into());
+        args.push((2 * ttl_ms).to_string().into());
+        for (client_id, info) in entries {
+            args.push(client_id.as_str().into());
+            args.push(info.as_str().into());
+        }
+        let _: Value = self
+            .script(
+                &self.presence_refresh_sha,
+                PRESENCE_REFRESH_SCRIPT,
+                layout::presence_key(channel),
+                args,
+            )
+            .await?;
         Ok(())
     }
 
@@ -566,10 +603,31 @@ impl Broker for RedisBroker {
             }
         }
         if !expired.is_empty() {
-            // Left by a node that died: pruned by whoever reads first.
-            let _: Result<(), _> = client.hdel(&key, expired).await;
+            // Left by a node that died: pruned by whoever reads first (each entry
+            // checked again as it is deleted, so a refresh in between is kept).
+            let _ = self.presence_prune(channel, &expired).await;
         }
         Ok(live)
+    }
+
+    async fn presence_prune(
+        &self,
+        channel: &str,
+        clients: &[String],
+    ) -> Result<usize, BrokerError> {
+        if clients.is_empty() {
+            return Ok(0);
+        }
+        let mut args: Vec<Value> = Vec::with_capacity(1 + clients.len());
+        args.push(fanout_protocol::now_ms().to_string().into());
+        args.extend(clients.iter().map(|c| Value::from(c.as_str())));
+        self.script(
+            &self.presence_prune_sha,
+            PRESENCE_PRUNE_SCRIPT,
+            layout::presence_key(channel),
+            args,
+        )
+        .await
     }
 
     async fn shutdown(&self) {
