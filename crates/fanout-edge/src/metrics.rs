@@ -39,6 +39,12 @@ pub const BROKER_PROBE_FAILURES_TOTAL: &str = "fanout_broker_probe_failures_tota
 pub const BROKER_TOPOLOGY_CHANGES_TOTAL: &str = "fanout_broker_topology_changes_total";
 pub const DRAINING: &str = "fanout_draining";
 pub const DRAIN_CLOSES_TOTAL: &str = "fanout_drain_closes_total";
+// Emitted by the publisher (`fanout-publisher`) that the Redis broker publishes through.
+pub const PUBLISH_RETRIES_TOTAL: &str = fanout_publisher::metric_names::RETRIES_TOTAL;
+pub const PUBLISH_DUPLICATES_TOTAL: &str = fanout_publisher::metric_names::DUPLICATES_TOTAL;
+pub const PUBLISH_CLIENT_REBUILDS_TOTAL: &str =
+    fanout_publisher::metric_names::CLIENT_REBUILDS_TOTAL;
+pub const PUBLISH_FAILED_TOTAL: &str = fanout_publisher::metric_names::FAILED_TOTAL;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -93,6 +99,7 @@ fn describe() {
             "place",
             &["control", "deliver", "session"][..],
         ),
+        (PUBLISH_FAILED_TOTAL, "reason", &["gave_up", "error"][..]),
     ] {
         for value in values {
             metrics::counter!(name, label => *value).increment(0);
@@ -248,6 +255,33 @@ fn describe() {
         INTERNAL_ERRORS_TOTAL,
         Unit::Count,
         "Bugs caught at run time (a contained panic), by place; each is also logged at error."
+    );
+    for name in [
+        PUBLISH_RETRIES_TOTAL,
+        PUBLISH_DUPLICATES_TOTAL,
+        PUBLISH_CLIENT_REBUILDS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    describe_counter!(
+        PUBLISH_RETRIES_TOTAL,
+        Unit::Count,
+        "Publishes resent to Redis after a transient failure (MOVED, ASK, TRYAGAIN, connection lost, timeout), with the same idempotency key."
+    );
+    describe_counter!(
+        PUBLISH_DUPLICATES_TOTAL,
+        Unit::Count,
+        "Publishes whose idempotency key was already applied on the channel: not published again, the first offset returned."
+    );
+    describe_counter!(
+        PUBLISH_CLIENT_REBUILDS_TOTAL,
+        Unit::Count,
+        "Redis command clients replaced because a command went unanswered while Redis was reachable."
+    );
+    describe_counter!(
+        PUBLISH_FAILED_TOTAL,
+        Unit::Count,
+        "Publishes that failed, by reason (gave_up: transient failures until the retry deadline; error: not transient)."
     );
     describe_counter!(
         API_REQUESTS_TOTAL,
