@@ -469,3 +469,73 @@ fn keyslot(key: &str) -> u16 {
     }
     crc % 16384
 }
+
+#[tokio::test]
+async fn the_publish_api_takes_an_idempotency_key() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(&redis.url(), "api").await;
+    let addr = node.local_addr();
+    let post = |body: Value, header: Option<&'static str>| async move {
+        let body = body.to_string();
+        let (status, text) = match header {
+            None => {
+                fanout_testkit::http(addr, "POST", "/api/publish", Some(ADMIN), Some(&body)).await
+            }
+            Some(key) => {
+                // The testkit's helper sends no extra headers: a raw request.
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let req = format!(
+                    "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\nIdempotency-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).await.unwrap();
+                let status: u16 = out[9..12].parse().unwrap();
+                let text = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+                (status, text)
+            }
+        };
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status, v)
+    };
+    let (s1, a1) = post(
+        json!({"channel": "user:9", "data": {"n": 1}, "idempotency_key": "order-1"}),
+        None,
+    )
+    .await;
+    let (s2, a2) = post(
+        json!({"channel": "user:9", "data": {"n": 1}}),
+        Some("order-1"),
+    )
+    .await;
+    assert_eq!((s1, s2), (200, 200), "{a1} {a2}");
+    assert_eq!(a1["offset"], 1);
+    assert!(a1.get("duplicate").is_none(), "{a1}");
+    assert_eq!(
+        (&a2["offset"], &a2["epoch"], &a2["duplicate"]),
+        (&a1["offset"], &a1["epoch"], &json!(true))
+    );
+    let (s3, a3) = post(
+        json!({"channel": "user:9", "data": {"n": 2}, "idempotency_key": "order-2"}),
+        Some("order-1"),
+    )
+    .await;
+    assert_eq!(s3, 400, "header and body differ: {a3}");
+    let (s4, a4) = post(
+        json!({"channel": "user:9", "data": {"n": 2}, "idempotency_key": "has space"}),
+        None,
+    )
+    .await;
+    assert_eq!(s4, 400, "{a4}");
+    let (s5, a5) = post(json!({"channel": "user:9", "data": {"n": 2}}), None).await;
+    assert_eq!((s5, &a5["offset"]), (200, &json!(2)));
+    assert_eq!(
+        redis
+            .cli(&["XLEN", &layout::history_key("user:9")])
+            .unwrap(),
+        "2"
+    );
+    node.shutdown().await;
+}
