@@ -161,6 +161,49 @@ struct PublishBody {
     data: Box<RawValue>,
     #[serde(default)]
     event: Option<String>,
+    /// *Extension*: applied at most once per channel within the dedup window; also
+    /// accepted as the `Idempotency-Key` header.
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+/// The idempotency key of a publish request: the `idempotency_key` body field or the
+/// `Idempotency-Key` header (the same if both are given).
+fn idempotency_key(
+    header: Option<String>,
+    body: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let key = match (header, body) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "the Idempotency-Key header and the idempotency_key field differ",
+            ))
+        }
+        (h, b) => b.or(h),
+    };
+    match key {
+        Some(k) if !fanout_publisher::valid_idempotency_key(&k) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "an idempotency key is 1 to {} printable ASCII characters without spaces",
+                fanout_publisher::MAX_IDEMPOTENCY_KEY_LEN
+            ),
+        )),
+        k => Ok(k),
+    }
+}
+
+fn idempotency_header(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
+    match req.headers().get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "the Idempotency-Key header is not printable ASCII",
+            )
+        }),
+    }
 }
 
 async fn publish_one(
@@ -168,6 +211,7 @@ async fn publish_one(
     channel: &str,
     event: Option<&str>,
     data: &RawValue,
+    key: Option<&str>,
 ) -> Result<serde_json::Value, ApiError> {
     let parsed = shared
         .settings
@@ -182,14 +226,31 @@ async fn publish_one(
             "the broker is unavailable; nothing was published",
         ));
     }
-    let ack = shared.broker.publish(channel, event, data, history).await?;
+    let ack = shared
+        .broker
+        .publish_with_key(channel, event, data, history, key)
+        .await?;
+    if ack.duplicate {
+        return Ok(
+            serde_json::json!({"offset": ack.offset, "epoch": ack.epoch, "duplicate": true}),
+        );
+    }
     metrics::counter!(m::PUBLISHES_TOTAL, "source" => "api").increment(1);
     Ok(serde_json::json!({"offset": ack.offset, "epoch": ack.epoch}))
 }
 
 async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
+    let header = idempotency_header(&req)?;
     let b: PublishBody = body(req, shared).await?;
-    publish_one(shared, &b.channel, b.event.as_deref(), &b.data).await
+    let key = idempotency_key(header, b.idempotency_key)?;
+    publish_one(
+        shared,
+        &b.channel,
+        b.event.as_deref(),
+        &b.data,
+        key.as_deref(),
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -199,6 +260,10 @@ struct BroadcastBody {
     data: Box<RawValue>,
     #[serde(default)]
     event: Option<String>,
+    /// *Extension*: one key for the whole broadcast, applied at most once per channel,
+    /// so that resending a broadcast publishes only what did not go out.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// 200 when every channel was published; otherwise 503 with the same per-channel
@@ -207,7 +272,9 @@ async fn broadcast(
     req: Request<Incoming>,
     shared: &Shared,
 ) -> Result<(StatusCode, serde_json::Value), ApiError> {
+    let header = idempotency_header(&req)?;
     let b: BroadcastBody = body(req, shared).await?;
+    let key = idempotency_key(header, b.idempotency_key.clone())?;
     if b.channels.is_empty() || b.channels.len() > 1000 {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
@@ -240,7 +307,7 @@ async fn broadcast(
             results.push(serde_json::json!({"channel": c, "error": {"code": "unavailable", "message": "not attempted: the broker failed earlier in this broadcast"}}));
             continue;
         }
-        match publish_one(shared, c, b.event.as_deref(), &b.data).await {
+        match publish_one(shared, c, b.event.as_deref(), &b.data, key.as_deref()).await {
             Ok(mut r) => {
                 r["channel"] = c.clone().into();
                 results.push(r);

@@ -44,6 +44,12 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "fanout_connections_refused_total";
 pub const PENDING_AUTH_CONNECTIONS: &str = "fanout_pending_auth_connections";
 pub const PRESENCE_REFRESH_SECONDS: &str = "fanout_presence_refresh_seconds";
 pub const PRESENCE_REFRESH_ERRORS_TOTAL: &str = "fanout_presence_refresh_errors_total";
+// Emitted by the publisher (`fanout-publisher`) that the Redis broker publishes through.
+pub const PUBLISH_RETRIES_TOTAL: &str = fanout_publisher::metric_names::RETRIES_TOTAL;
+pub const PUBLISH_DUPLICATES_TOTAL: &str = fanout_publisher::metric_names::DUPLICATES_TOTAL;
+pub const PUBLISH_CLIENT_REBUILDS_TOTAL: &str =
+    fanout_publisher::metric_names::CLIENT_REBUILDS_TOTAL;
+pub const PUBLISH_FAILED_TOTAL: &str = fanout_publisher::metric_names::FAILED_TOTAL;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -120,6 +126,7 @@ fn describe() {
                 "origin",
             ][..],
         ),
+        (PUBLISH_FAILED_TOTAL, "reason", &["gave_up", "error"][..]),
     ] {
         for value in values {
             metrics::counter!(name, label => *value).increment(0);
@@ -301,6 +308,33 @@ fn describe() {
         PRESENCE_REFRESH_ERRORS_TOTAL,
         Unit::Count,
         "Channels whose presence refresh failed (retried by the next sweep; each failing sweep also logs one warn line)."
+    );
+    for name in [
+        PUBLISH_RETRIES_TOTAL,
+        PUBLISH_DUPLICATES_TOTAL,
+        PUBLISH_CLIENT_REBUILDS_TOTAL,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    describe_counter!(
+        PUBLISH_RETRIES_TOTAL,
+        Unit::Count,
+        "Publishes resent to Redis after a transient failure (MOVED, ASK, TRYAGAIN, connection lost, timeout), with the same idempotency key."
+    );
+    describe_counter!(
+        PUBLISH_DUPLICATES_TOTAL,
+        Unit::Count,
+        "Publishes whose idempotency key was already applied on the channel: not published again, the first offset returned."
+    );
+    describe_counter!(
+        PUBLISH_CLIENT_REBUILDS_TOTAL,
+        Unit::Count,
+        "Redis command clients replaced because a command went unanswered while Redis was reachable."
+    );
+    describe_counter!(
+        PUBLISH_FAILED_TOTAL,
+        Unit::Count,
+        "Publishes that failed, by reason (gave_up: transient failures until the retry deadline; error: not transient)."
     );
     describe_counter!(
         API_REQUESTS_TOTAL,

@@ -1,7 +1,9 @@
 //! The non-blocking publisher for job loops: the caller serializes and enqueues; a
-//! background task publishes. A full queue or a failing Redis never blocks or fails the
-//! caller — the message is dropped, counted and logged (the first drop of a burst at
-//! `warn`, then every 1000th).
+//! background task publishes, in order, each message under its own idempotency key and
+//! with the publisher's retries (through failovers and slot moves, until the retry
+//! deadline; applied at most once). A full queue or a Redis that stays away past the
+//! deadline never blocks or fails the caller — the message is dropped, counted and logged
+//! (the first drop of a burst at `warn`, then every 1000th).
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -161,6 +161,14 @@ impl RedisCluster {
     /// Moves `slot` (and its keys) to the primary on `to`, as resharding does:
     /// IMPORTING/MIGRATING, MIGRATE of every key, then `SETSLOT … NODE` on every primary.
     pub fn move_slot(&self, slot: u16, to: u16) -> Result<(), TestkitError> {
+        self.move_slot_paced(slot, to, Duration::ZERO)
+    }
+
+    /// [`move_slot`](Self::move_slot) with `pause` after marking the slot
+    /// MIGRATING/IMPORTING (commands still run at the source) and again after its keys
+    /// moved (commands on the slot's keys get `ASK` to the target), so that clients
+    /// meet each phase.
+    pub fn move_slot_paced(&self, slot: u16, to: u16, pause: Duration) -> Result<(), TestkitError> {
         let from = self.owner_of_slot(slot, to)?;
         let nodes = self.topology(to)?;
         let id_of = |port: u16| {
@@ -176,6 +184,7 @@ impl RedisCluster {
             .cli(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &from_id])?;
         self.node(from)
             .cli(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &to_id])?;
+        std::thread::sleep(pause);
         loop {
             let keys = self
                 .node(from)
@@ -189,6 +198,7 @@ impl RedisCluster {
             args.extend(keys);
             self.node(from).cli(&args)?;
         }
+        std::thread::sleep(pause);
         for n in nodes.iter().filter(|n| n.master) {
             self.node(n.port)
                 .cli(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &to_id])?;

@@ -27,7 +27,17 @@ struct State {
     reports: HashMap<String, (String, Instant)>,
     /// channel → client → (info, until)
     presence: HashMap<String, HashMap<String, (String, Instant)>>,
+    /// (channel, idempotency key) → where its publish landed, for the dedup window.
+    applied: HashMap<(String, String), PublishAck>,
+    /// The same entries, oldest first, with when each is forgotten.
+    applied_order: VecDeque<(Instant, String, String)>,
 }
+
+/// How long an idempotency key is remembered (as `publish.lua` does by default).
+const DEDUP_WINDOW: std::time::Duration =
+    std::time::Duration::from_secs(fanout_protocol::layout::DEDUP_WINDOW_SECS);
+/// The most idempotency keys remembered, all channels together.
+const DEDUP_MAX_KEYS: usize = 100_000;
 
 struct ChannelHistory {
     epoch: String,
@@ -95,16 +105,35 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn publish(
+    async fn publish_with_key(
         &self,
         channel: &str,
         event: Option<&str>,
         data: &RawValue,
         history: HistoryPolicy,
+        idempotency_key: Option<&str>,
     ) -> Result<PublishAck, BrokerError> {
         // The lock spans offset assignment and dispatch so that subscribers see offsets
         // in order; dispatch never waits.
         let mut state = self.state.lock().expect("memory broker lock");
+        let now = Instant::now();
+        while state
+            .applied_order
+            .front()
+            .is_some_and(|(until, _, _)| *until <= now || state.applied.len() > DEDUP_MAX_KEYS)
+        {
+            let (_, c, k) = state.applied_order.pop_front().expect("checked");
+            state.applied.remove(&(c, k));
+        }
+        // A caller's key that was applied within the window is not published again.
+        if let Some(key) = idempotency_key {
+            if let Some(ack) = state.applied.get(&(channel.to_string(), key.to_string())) {
+                return Ok(PublishAck {
+                    duplicate: true,
+                    ..ack.clone()
+                });
+            }
+        }
         if state.live(channel).is_none() {
             state
                 .channels
@@ -135,7 +164,18 @@ impl Broker for MemoryBroker {
         let ack = PublishAck {
             offset: h.offset,
             epoch: h.epoch.clone(),
+            duplicate: false,
         };
+        if let Some(key) = idempotency_key {
+            state
+                .applied
+                .insert((channel.to_string(), key.to_string()), ack.clone());
+            state.applied_order.push_back((
+                now + DEDUP_WINDOW,
+                channel.to_string(),
+                key.to_string(),
+            ));
+        }
         if state.subscribed.contains(channel) {
             self.sink.deliver(channel, encoded.as_bytes());
         }

@@ -63,13 +63,29 @@ pub trait Broker: Send + Sync + 'static {
     fn is_ready(&self) -> bool;
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
-    /// Publishes with history: the message gets the channel's next offset.
+    /// Publishes with history: the message gets the channel's next offset. Resent
+    /// through transient broker failures under one fresh idempotency key, so it is
+    /// applied at most once.
     async fn publish(
         &self,
         channel: &str,
         event: Option<&str>,
         data: &RawValue,
         history: HistoryPolicy,
+    ) -> Result<PublishAck, BrokerError> {
+        self.publish_with_key(channel, event, data, history, None)
+            .await
+    }
+    /// [`Broker::publish`] with the caller's idempotency key (`None`: a fresh one): a
+    /// key already applied on `channel` within the dedup window is not published again;
+    /// the answer is the first publish's offset and epoch, with `duplicate` set.
+    async fn publish_with_key(
+        &self,
+        channel: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        history: HistoryPolicy,
+        idempotency_key: Option<&str>,
     ) -> Result<PublishAck, BrokerError>;
     /// Reads the channel's epoch, last offset and kept messages, atomically. With
     /// `start`, a channel that has no epoch yet gets one (at offset 0) that lives that

@@ -432,19 +432,30 @@ impl Broker for RedisBroker {
         self.subscriber.unsubscribe(keys).await.map_err(unavailable)
     }
 
-    async fn publish(
+    async fn publish_with_key(
         &self,
         channel: &str,
         event: Option<&str>,
         data: &RawValue,
         history: HistoryPolicy,
+        idempotency_key: Option<&str>,
     ) -> Result<PublishAck, BrokerError> {
+        // Resent through MOVED/ASK/TRYAGAIN, lost connections and timeouts until the
+        // publisher's deadline, under one idempotency key: applied at most once. A
+        // command client that stops answering while Redis is reachable is rebuilt.
+        let key = match idempotency_key {
+            Some(k) => std::borrow::Cow::Borrowed(k),
+            None => std::borrow::Cow::Owned(fanout_publisher::new_idempotency_key()),
+        };
         self.publisher
-            .publish_with_history(channel, event, data, history)
+            .publish_with_history_key(channel, event, data, history, &key)
             .await
             .map_err(|e| match e {
                 PublishError::Channel(e) => BrokerError::Invalid(e.to_string()),
                 PublishError::Data(e) => BrokerError::Invalid(e.to_string()),
+                e @ PublishError::Reply(_) if idempotency_key.is_some() => {
+                    BrokerError::Invalid(e.to_string())
+                }
                 other => unavailable(other),
             })
     }
