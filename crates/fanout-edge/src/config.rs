@@ -150,6 +150,9 @@ pub struct Limits {
     pub rate_limit_strikes: u32,
     /// Seconds a connection without a token has to send `auth`.
     pub auth_timeout_secs: u64,
+    /// Seconds a `subscribe` may wait on the broker (subscription, history read);
+    /// later → `unavailable`, with nothing left behind.
+    pub subscribe_timeout_secs: u64,
     /// Seconds between server pings; a client silent for two intervals is dropped.
     pub ping_interval_secs: u64,
     /// Largest body of a server API request, bytes.
@@ -176,6 +179,7 @@ impl Default for Limits {
             message_burst: 100,
             rate_limit_strikes: 20,
             auth_timeout_secs: 10,
+            subscribe_timeout_secs: 10,
             ping_interval_secs: 25,
             max_api_body: 1024 * 1024,
             api_body_timeout_secs: 10,
@@ -196,6 +200,9 @@ impl Limits {
 
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
+    }
+    pub fn subscribe_timeout(&self) -> Duration {
+        Duration::from_secs(self.subscribe_timeout_secs)
     }
     pub fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.ping_interval_secs)
@@ -393,7 +400,7 @@ impl Settings {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let checks: [(&str, bool, &str); 13] = [
+    let checks: [(&str, bool, &str); 14] = [
         (
             "limits.max_message_size",
             l.max_message_size >= 256,
@@ -452,6 +459,11 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
         (
             "limits.ping_interval_secs",
             l.ping_interval_secs >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.subscribe_timeout_secs",
+            l.subscribe_timeout_secs >= 1,
             "must be at least 1",
         ),
         (

@@ -233,6 +233,58 @@ impl Channels {
     }
 }
 
+/// A subscription being set up. Unless kept (it went live), dropping it gives back
+/// what it took — the hub's join and the broker reference — so that no exit path (an
+/// error, the subscribe deadline, a panic while handling the frame, the connection
+/// closing meanwhile) can leave a joiner whose waiting list grows with every message,
+/// or a broker subscription nobody releases.
+struct Setup<'a> {
+    hub: &'a crate::hub::Hub,
+    subscriptions: &'a crate::subscriptions::Subscriptions,
+    channel: Arc<str>,
+    session: SessionId,
+    /// The broker reference is held.
+    acquired: bool,
+    /// The session joined the channel in the hub.
+    joined: bool,
+}
+
+impl<'a> Setup<'a> {
+    fn new(
+        hub: &'a crate::hub::Hub,
+        subscriptions: &'a crate::subscriptions::Subscriptions,
+        channel: Arc<str>,
+        session: SessionId,
+    ) -> Setup<'a> {
+        Setup {
+            hub,
+            subscriptions,
+            channel,
+            session,
+            acquired: false,
+            joined: false,
+        }
+    }
+
+    /// The subscription is live: the session owns it now.
+    fn keep(mut self) {
+        self.acquired = false;
+        self.joined = false;
+    }
+}
+
+impl Drop for Setup<'_> {
+    fn drop(&mut self) {
+        if self.joined {
+            // (Already gone from the hub if the join ended it: a finished job.)
+            self.hub.remove(&self.channel, self.session);
+        }
+        if self.acquired {
+            self.subscriptions.release(self.channel.clone());
+        }
+    }
+}
+
 /// What a connection waits for besides the client's next frame.
 #[derive(Clone, Copy)]
 enum Due {
@@ -246,6 +298,27 @@ impl Due {
     fn at(self) -> Instant {
         match self {
             Due::Auth(at) | Due::Expiry(at) => at,
+        }
+    }
+
+    /// Closes the connection if this is due at `now` (no `auth` in time: 4001; the
+    /// token expired: 4004); returns whether it did.
+    fn passed(self, now: Instant, control: &Control) -> bool {
+        match self {
+            Due::Auth(at) if now >= at => {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
+                control.close_raw(
+                    CloseCode::Unauthorized.code(),
+                    "authentication timeout".into(),
+                );
+                true
+            }
+            Due::Expiry(at) if now >= at => {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
+                control.close(CloseCode::TokenExpired);
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -280,17 +353,10 @@ impl Session {
                         _ = self.control.cancelled(Side::Reader) => return,
                         _ = sleep_until(due.at().min(silent).min(ping_at)) => {
                             let now = Instant::now();
+                            if due.passed(now, &self.control) {
+                                return;
+                            }
                             match due {
-                                Due::Auth(at) if now >= at => {
-                                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "timeout").increment(1);
-                                    self.control.close_raw(CloseCode::Unauthorized.code(), "authentication timeout".into());
-                                    return;
-                                }
-                                Due::Expiry(at) if now >= at => {
-                                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "expired").increment(1);
-                                    self.control.close(CloseCode::TokenExpired);
-                                    return;
-                                }
                                 _ if now >= silent => {
                                     tracing::debug!(session = self.id, "client silent for too long; dropping");
                                     self.control.abort();
@@ -379,9 +445,39 @@ impl Session {
                 Read::Message(bytes, binary) => {
                     // Boxed: handling a frame (a subscribe reads history) takes far more
                     // state than waiting for one, and every idle connection would carry it.
-                    Box::pin(self.on_message(&bytes, binary)).await;
+                    Box::pin(self.handle(&bytes, binary, due, &mut ping_at)).await;
                     if self.control.is_cancelled() {
                         return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one client message while the connection's timers keep running: a frame
+    /// that waits on the broker (a subscribe) does not stop pings, token expiry or a
+    /// close from elsewhere. (The client's silence is not judged meanwhile: its frames
+    /// are not being read.) Cancelled, the handling is dropped, and a half-made
+    /// subscription undoes itself.
+    async fn handle(&mut self, bytes: &[u8], binary: bool, due: Due, ping_at: &mut Instant) {
+        let control = self.control.clone();
+        let outbox = self.outbox.clone();
+        let ping_interval = self.shared.settings.limits.ping_interval();
+        let work = self.on_message(bytes, binary);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                _ = control.cancelled(Side::Reader) => return,
+                () = &mut work => return,
+                _ = sleep_until(due.at().min(*ping_at)) => {
+                    let now = Instant::now();
+                    if due.passed(now, &control) {
+                        return;
+                    }
+                    if now >= *ping_at {
+                        outbox.push_ping();
+                        *ping_at = now + ping_interval;
                     }
                 }
             }
@@ -621,53 +717,75 @@ impl Session {
             (None, None) => HistoryQuery::Last(0),
         };
         let channel: Arc<str> = Arc::from(name);
-        if let Err(error) = shared.subscriptions.acquire(channel.clone()).await {
-            tracing::warn!(session = self.id, %error, "broker subscribe failed");
-            return self.error(
-                id,
-                ErrorCode::Unavailable,
-                "the broker is unavailable; retry shortly",
-            );
-        }
-        // Joined before history is read: live messages that arrive meanwhile wait in
-        // the hub, and the join sends each message once, in order.
-        shared.hub.join(
-            channel.clone(),
-            Subscriber::new(self.id, self.codec, self.outbox.clone(), conflate),
-        );
-        // A read older than what the node already dispatched is read again (see
-        // `Joined::Stale`).
-        let mut attempt = 0;
-        let joined = loop {
-            let history = match shared.broker.history(name, query, start).await {
-                Ok(h) => h,
-                Err(error) => {
-                    tracing::warn!(session = self.id, %channel, %error, "history read failed");
-                    if shared.hub.remove(&channel, self.id) {
-                        shared.subscriptions.release(channel);
-                    }
-                    return self.error(
+        // Undoes the broker reference and the hub's join on every way out short of a
+        // live subscription: an error, the deadline, a panic, the connection closing.
+        let mut setup = Setup::new(&shared.hub, &shared.subscriptions, channel.clone(), self.id);
+        let subscriber = Subscriber::new(self.id, self.codec, self.outbox.clone(), conflate);
+        let deadline = shared.settings.limits.subscribe_timeout();
+        let joined = tokio::time::timeout(deadline, async {
+            shared
+                .subscriptions
+                .acquire(channel.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            setup.acquired = true;
+            // Joined before history is read: live messages that arrive meanwhile wait in
+            // the hub, and the join sends each message once, in order.
+            shared.hub.join(channel.clone(), subscriber);
+            setup.joined = true;
+            // A read older than what the node already dispatched is read again (see
+            // `Joined::Stale`).
+            let mut attempt = 0;
+            loop {
+                let history = shared
+                    .broker
+                    .history(name, query, start)
+                    .await
+                    .map_err(|e| format!("history read: {e}"))?;
+                match shared.hub.complete_join(
+                    &channel,
+                    self.id,
+                    Join {
                         id,
-                        ErrorCode::Unavailable,
-                        "the broker is unavailable; retry shortly",
-                    );
+                        since,
+                        send_entries: !matches!(query, HistoryQuery::Last(0)),
+                        history,
+                        attempt,
+                    },
+                ) {
+                    Joined::Stale => attempt += 1,
+                    joined => return Ok::<Joined, String>(joined),
                 }
-            };
-            match shared.hub.complete_join(
-                &channel,
-                self.id,
-                Join {
+            }
+        })
+        .await;
+        let joined = match joined {
+            Ok(Ok(joined)) => joined,
+            Ok(Err(error)) => {
+                tracing::warn!(session = self.id, %channel, %error, "subscribe failed at the broker");
+                return self.error(
                     id,
-                    since,
-                    send_entries: !matches!(query, HistoryQuery::Last(0)),
-                    history,
-                    attempt,
-                },
-            ) {
-                Joined::Stale => attempt += 1,
-                joined => break joined,
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable; retry shortly",
+                );
+            }
+            Err(_) => {
+                metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "subscribe_deadline")
+                    .increment(1);
+                tracing::warn!(session = self.id, %channel, deadline_secs = deadline.as_secs(), "subscribe passed its deadline");
+                return self.error(
+                    id,
+                    ErrorCode::Unavailable,
+                    &format!(
+                        "the broker did not answer within {} s; retry shortly",
+                        deadline.as_secs()
+                    ),
+                );
             }
         };
+        if matches!(joined, Joined::Live { .. }) {
+            setup.keep();
+        }
         match joined {
             Joined::Live { .. } => {
                 if presence {
@@ -686,11 +804,9 @@ impl Session {
                 }
                 self.channels.insert(channel, token_exp);
             }
-            Joined::Ended => {
-                metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1);
-                shared.subscriptions.release(channel);
-            }
-            Joined::Gone | Joined::Stale => shared.subscriptions.release(channel),
+            // The reference is given back by `setup`.
+            Joined::Ended => metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1),
+            Joined::Gone | Joined::Stale => {}
         }
     }
 
@@ -1147,8 +1263,54 @@ impl TokenBucket {
 
 #[cfg(test)]
 mod tests {
-    use super::{Stall, TokenBucket};
+    use super::{Setup, Stall, TokenBucket};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_panic_during_a_subscribe_leaves_no_join_and_no_broker_reference() {
+        use crate::hub::{Control, Hub, Subscriber};
+        use crate::outbox::{Outbox, QueueLimits};
+        use crate::subscriptions::{Command, Subscriptions};
+        let hub = Hub::new(4);
+        let (subscriptions, mut commands) = Subscriptions::channel();
+        let limits = QueueLimits {
+            messages: 8,
+            bytes: 1 << 20,
+            replay_messages: 8,
+            replay_bytes: 1 << 20,
+        };
+        let (outbox, _inbox) = Outbox::new(limits, Arc::new(Control::new()));
+        let channel: Arc<str> = Arc::from("user:1");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut setup = Setup::new(&hub, &subscriptions, channel.clone(), 7);
+            setup.acquired = true;
+            hub.join(
+                channel.clone(),
+                Subscriber::new(7, fanout_protocol::Codec::Json, outbox.clone(), false),
+            );
+            setup.joined = true;
+            panic!("a bug while reading history");
+        }));
+        assert!(panicked.is_err());
+        assert!(!hub.contains("user:1", 7), "the join was undone");
+        assert_eq!((hub.subscriptions(), hub.channels()), (0, 0));
+        match commands.try_recv() {
+            Ok(Command::Release(c)) => assert_eq!(&*c, "user:1"),
+            _ => panic!("the broker reference was not released"),
+        }
+        // A kept (live) subscription is left alone.
+        let mut setup = Setup::new(&hub, &subscriptions, channel.clone(), 8);
+        setup.acquired = true;
+        setup.joined = true;
+        hub.join(
+            channel.clone(),
+            Subscriber::new(8, fanout_protocol::Codec::Json, outbox, false),
+        );
+        setup.keep();
+        assert!(hub.contains("user:1", 8));
+        assert!(commands.try_recv().is_err());
+    }
 
     #[test]
     fn a_stall_is_counted_from_the_last_progress() {

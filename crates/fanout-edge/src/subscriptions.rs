@@ -142,6 +142,7 @@ pub(crate) async fn run(
             }
         }
         let mut acquired = Vec::new();
+        let mut abandoned = Vec::new();
         for (channel, reply) in waiting {
             let result = match failed.get(&channel) {
                 Some(error) => {
@@ -151,8 +152,18 @@ pub(crate) async fn run(
                 }
                 None => Ok(()),
             };
+            let ok = result.is_ok();
+            if reply.send(result).is_err() && ok {
+                // The acquirer gave up waiting (its subscribe passed its deadline, or
+                // its connection closed): nobody will release this reference.
+                state.release(&channel);
+                abandoned.push(channel.clone());
+            }
             acquired.push(channel);
-            let _ = reply.send(result);
+        }
+        if !abandoned.is_empty() {
+            let (_, unsubscribe) = state.plan(abandoned);
+            state.unsubscribe(&unsubscribe).await;
         }
         // Channels that failed but are still held by other sockets are retried.
         retry.extend(failed.into_keys().chain(retry_failed.iter().cloned()));

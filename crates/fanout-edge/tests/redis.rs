@@ -246,3 +246,63 @@ async fn a_channel_redis_refuses_fails_alone_and_is_retried_until_allowed() {
     );
     node.shutdown().await;
 }
+
+/// A subscribe waiting on a Redis that does not answer has a deadline (`unavailable`,
+/// with nothing left behind), and the connection's timers keep running meanwhile: the
+/// node keeps pinging the client while its subscribe waits.
+#[tokio::test]
+async fn a_subscribe_stuck_on_the_broker_ends_at_its_deadline_and_the_reader_keeps_its_timers() {
+    let redis = RedisServer::start().unwrap();
+    let cfg = common::config_file("[limits]\nping_interval_secs = 1\nsubscribe_timeout_secs = 2\n");
+    let node = start(Some(&redis.url()), &["--config", cfg.to_str().unwrap()]).await;
+    let mut held = connect(&node, &token("1", &[])).await;
+    assert_eq!(held.subscribe(1, "user:1").await["type"], "subscribed");
+    let mut c = connect(&node, &token("1", &[])).await;
+    let subscriptions = metric(&node, "fanout_subscriptions").await;
+    // Redis stops answering for 5 s.
+    redis.cli(&["CLIENT", "PAUSE", "5000", "ALL"]).unwrap();
+    // One channel the node already holds at the broker (its history read waits), one
+    // it must subscribe first (its SUBSCRIBE waits).
+    let started = std::time::Instant::now();
+    let pings_before = c.pings();
+    c.send(json!({"type":"subscribe","id":2,"channel":"user:1"}))
+        .await;
+    let e = c.recv_type("error").await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (e["id"].as_u64(), e["code"].as_str()),
+        (Some(2), Some("unavailable")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains("within 2 s"), "{e}");
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    assert!(
+        c.pings() > pings_before,
+        "no ping while the subscribe waited"
+    );
+    let mut d = connect(&node, &token("2", &[])).await;
+    d.send(json!({"type":"subscribe","id":3,"channel":"user:2"}))
+        .await;
+    let e = d.recv_type("error").await;
+    assert_eq!(
+        (e["id"].as_u64(), e["code"].as_str()),
+        (Some(3), Some("unavailable")),
+        "{e}"
+    );
+    // Nothing left behind: no joiner in the hub, and the broker subscription nobody
+    // holds is let go.
+    eventually("the abandoned subscriptions undone", || async {
+        metric(&node, "fanout_subscriptions").await == subscriptions
+            && redis.numsub("user:2").unwrap() == 0
+    })
+    .await;
+    // The held subscription still works, and a new subscribe succeeds.
+    let (status, body) = api_publish(&node, "user:1", json!({"n": 1})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(held.recv_type("message").await["data"]["n"], 1);
+    assert_eq!(c.subscribe(4, "user:1").await["type"], "subscribed");
+    node.shutdown().await;
+}
