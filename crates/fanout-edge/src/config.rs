@@ -150,6 +150,13 @@ pub struct Limits {
     pub rate_limit_strikes: u32,
     /// Seconds a connection without a token has to send `auth`.
     pub auth_timeout_secs: u64,
+    /// Seconds a gap repair may keep failing to read history before it gives up: the
+    /// channel's subscribers are told `recovered:false` instead of the channel being
+    /// held for ever.
+    pub repair_timeout_secs: u64,
+    /// Bytes the repair holds of all channels may take on this node; past it each
+    /// hold drops its oldest messages (they are in history, which the repair reads).
+    pub repair_hold_bytes: usize,
     /// Seconds a `subscribe` may wait on the broker (subscription, history read);
     /// later → `unavailable`, with nothing left behind.
     pub subscribe_timeout_secs: u64,
@@ -180,6 +187,8 @@ impl Default for Limits {
             rate_limit_strikes: 20,
             auth_timeout_secs: 10,
             subscribe_timeout_secs: 10,
+            repair_timeout_secs: 30,
+            repair_hold_bytes: 64 << 20,
             ping_interval_secs: 25,
             max_api_body: 1024 * 1024,
             api_body_timeout_secs: 10,
@@ -200,6 +209,9 @@ impl Limits {
 
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
+    }
+    pub fn repair_timeout(&self) -> Duration {
+        Duration::from_secs(self.repair_timeout_secs)
     }
     pub fn subscribe_timeout(&self) -> Duration {
         Duration::from_secs(self.subscribe_timeout_secs)
@@ -400,7 +412,7 @@ impl Settings {
 }
 
 fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
-    let checks: [(&str, bool, &str); 14] = [
+    let checks: [(&str, bool, &str); 16] = [
         (
             "limits.max_message_size",
             l.max_message_size >= 256,
@@ -460,6 +472,16 @@ fn validate_limits(l: &Limits) -> Result<(), ConfigError> {
             "limits.ping_interval_secs",
             l.ping_interval_secs >= 1,
             "must be at least 1",
+        ),
+        (
+            "limits.repair_timeout_secs",
+            l.repair_timeout_secs >= 1,
+            "must be at least 1",
+        ),
+        (
+            "limits.repair_hold_bytes",
+            l.repair_hold_bytes >= 1024,
+            "must be at least 1024",
         ),
         (
             "limits.subscribe_timeout_secs",

@@ -200,7 +200,7 @@ struct ChannelState {
     joining: Vec<Joining>,
     position: Option<Position>,
     /// Messages held, in arrival order, while the node repairs a gap from history.
-    held: Option<Vec<Arc<Envelope>>>,
+    held: Option<Held>,
     /// How many were held when the running repair's read began.
     held_at_read: usize,
     repairing: bool,
@@ -233,9 +233,86 @@ impl ChannelState {
     }
 }
 
-/// The most messages held for one channel during a repair; past it the oldest are
-/// dropped from the hold (they are in history, which the repair reads).
+/// The most messages held for one channel during a repair; past it (or past the
+/// node's byte bound for all holds) the oldest are dropped from the hold: they are in
+/// history, which the repair reads.
 const MAX_HELD: usize = 65_536;
+
+/// A channel's held messages: a queue (dropping the oldest is O(1)) whose bytes count
+/// in the node-wide total of all holds, given back when it goes.
+struct Held {
+    queue: std::collections::VecDeque<Arc<Envelope>>,
+    bytes: usize,
+    total: Arc<AtomicUsize>,
+    /// Messages were dropped from it: logged once per episode, not per message.
+    overflowed: bool,
+}
+
+/// What a held message counts for (its data and a frame's fixed fields, closely
+/// enough).
+fn held_size(e: &Envelope) -> usize {
+    e.data.get().len() + e.event.as_ref().map_or(0, String::len) + 128
+}
+
+impl Held {
+    fn new(total: &Arc<AtomicUsize>) -> Held {
+        Held {
+            queue: std::collections::VecDeque::new(),
+            bytes: 0,
+            total: total.clone(),
+            overflowed: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn pop_front(&mut self) -> Option<Arc<Envelope>> {
+        let e = self.queue.pop_front()?;
+        let size = held_size(&e);
+        self.bytes -= size;
+        self.total.fetch_sub(size, Ordering::Relaxed);
+        Some(e)
+    }
+
+    /// Holds `env` behind the others; while this hold has more than [`MAX_HELD`]
+    /// messages, or all holds more than `limit` bytes, its oldest are dropped. Returns
+    /// how many were dropped.
+    fn push(&mut self, env: Arc<Envelope>, limit: usize) -> usize {
+        let size = held_size(&env);
+        let mut dropped = 0;
+        while !self.queue.is_empty()
+            && (self.queue.len() >= MAX_HELD || self.total.load(Ordering::Relaxed) + size > limit)
+        {
+            self.pop_front();
+            dropped += 1;
+        }
+        self.bytes += size;
+        self.total.fetch_add(size, Ordering::Relaxed);
+        self.queue.push_back(env);
+        dropped
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl IntoIterator for Held {
+    type Item = Arc<Envelope>;
+    type IntoIter = std::vec::IntoIter<Arc<Envelope>>;
+
+    fn into_iter(mut self) -> Self::IntoIter {
+        let queue: Vec<Arc<Envelope>> = std::mem::take(&mut self.queue).into();
+        // Handed over: no longer held.
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        queue.into_iter()
+    }
+}
 
 enum Check {
     Accept,
@@ -364,7 +441,13 @@ pub struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
     subscriptions: AtomicUsize,
+    /// Bytes held by every channel's repair hold, and their bound.
+    held_bytes: Arc<AtomicUsize>,
+    hold_limit: usize,
 }
+
+/// Bytes all repair holds of a node may take by default.
+pub const HOLD_LIMIT: usize = 64 << 20;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -385,11 +468,47 @@ fn is_job(channel: &str) -> bool {
 
 impl Hub {
     pub fn new(shards: usize) -> Hub {
+        Hub::with_hold_limit(shards, HOLD_LIMIT)
+    }
+
+    /// A hub whose repair holds take at most `hold_limit` bytes in all.
+    pub fn with_hold_limit(shards: usize, hold_limit: usize) -> Hub {
         Hub {
             shards: (0..shards.max(1)).map(|_| Shard::default()).collect(),
             hasher: RandomState::new(),
             subscriptions: AtomicUsize::new(0),
+            held_bytes: Arc::default(),
+            hold_limit,
         }
+    }
+
+    /// Bytes held by repair holds now.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Holds `env` on a channel under repair: bounded, and logged once per episode when
+    /// the bound drops messages.
+    fn hold(&self, name: &str, held: &mut Held, env: Arc<Envelope>) {
+        let dropped = held.push(env, self.hold_limit);
+        if dropped > 0 {
+            // Dropped from the hold only: an offset-carrying message is in history,
+            // which the repair reads. Counted, because a raw message cannot be read back.
+            metrics::counter!(m::HELD_OVERFLOW_TOTAL).increment(dropped as u64);
+            if !held.overflowed {
+                held.overflowed = true;
+                tracing::warn!(
+                    channel = name,
+                    held = held.len(),
+                    node_held_bytes = self.held_bytes(),
+                    "repair hold full; dropping its oldest messages until the repair ends"
+                );
+            }
+        }
+    }
+
+    fn new_hold(&self) -> Held {
+        Held::new(&self.held_bytes)
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -650,8 +769,10 @@ impl Hub {
             return out;
         };
         let mut st = lock(&state);
-        if let Some(held) = st.held.as_mut() {
-            hold(held, envelope);
+        if st.held.is_some() {
+            let name = st.name.clone();
+            let held = st.held.as_mut().expect("checked");
+            self.hold(&name, held, envelope);
             return out;
         }
         match check(&st.position, &envelope) {
@@ -663,7 +784,9 @@ impl Hub {
             }
             Check::Duplicate => out.duplicates += 1,
             Check::Gap => {
-                st.held = Some(vec![envelope]);
+                let mut held = self.new_hold();
+                self.hold(channel, &mut held, envelope);
+                st.held = Some(held);
                 out.repair = true;
             }
         }
@@ -737,9 +860,9 @@ impl Hub {
         }
         let position = st.position.clone()?;
         st.repairing = true;
-        st.held_at_read = st.held.as_ref().map_or(0, Vec::len);
+        st.held_at_read = st.held.as_ref().map_or(0, Held::len);
         if st.held.is_none() {
-            st.held = Some(Vec::new());
+            st.held = Some(self.new_hold());
         }
         Some(position)
     }
@@ -757,6 +880,43 @@ impl Hub {
     /// subscriber is told `recovered:false` with the new position. `None` (the read
     /// failed) keeps holding and asks for another try.
     pub fn finish_repair(&self, channel: &str, read: Option<HistoryRead>) -> Delivery {
+        self.apply_repair(channel, read, false)
+    }
+
+    /// Gives up a repair whose history reads keep failing: rather than holding the
+    /// channel for ever, every subscriber is told `recovered:false`, with the position
+    /// just before the oldest held message (or where the channel stood), and what was
+    /// held is delivered from there.
+    pub fn abandon_repair(&self, channel: &str) -> Delivery {
+        let read = {
+            let Some(state) = self.state(channel) else {
+                return Delivery::default();
+            };
+            let st = lock(&state);
+            let first = st.held.as_ref().and_then(|h| {
+                h.queue
+                    .iter()
+                    .find(|e| e.offset.is_some() && e.epoch.is_some())
+                    .cloned()
+            });
+            match (first, st.position.clone()) {
+                (Some(e), _) => HistoryRead {
+                    epoch: e.epoch.clone(),
+                    top: e.offset.unwrap_or(1).saturating_sub(1),
+                    entries: Vec::new(),
+                },
+                (None, Some(p)) => HistoryRead {
+                    epoch: p.epoch,
+                    top: p.offset,
+                    entries: Vec::new(),
+                },
+                (None, None) => HistoryRead::default(),
+            }
+        };
+        self.apply_repair(channel, Some(read), true)
+    }
+
+    fn apply_repair(&self, channel: &str, read: Option<HistoryRead>, abandon: bool) -> Delivery {
         let mut out = Delivery::default();
         let Some(state) = self.state(channel) else {
             return out;
@@ -767,10 +927,11 @@ impl Hub {
             out.repair = true;
             return out;
         };
-        let held = st.held.take().unwrap_or_default();
+        let held = st.held.take().unwrap_or_else(|| self.new_hold());
         // A repair only starts with a position.
         let position = st.position.clone().unwrap_or(Position::new(None, 0));
-        let contiguous = position.continued_by(h.epoch.as_deref())
+        let contiguous = !abandon
+            && position.continued_by(h.epoch.as_deref())
             && h.top >= position.offset
             && (h.top == position.offset
                 || h.entries
@@ -812,7 +973,8 @@ impl Hub {
                 sub.notice(&name, notice.frame(sub.codec));
             }
         }
-        let before_read = st.held_at_read;
+        // (Given up, no read was made: nothing held predates one.)
+        let before_read = if abandon { 0 } else { st.held_at_read };
         let mut rest = held.into_iter().enumerate();
         while let Some((i, e)) = rest.next() {
             // A message held before the read, of an epoch other than the one read, is
@@ -829,8 +991,10 @@ impl Hub {
                 Check::Accept => self.accept(&mut st, channel, &e, &mut out, true),
                 Check::Duplicate => out.duplicates += 1,
                 Check::Gap => {
-                    let mut again = vec![e];
-                    again.extend(rest.map(|(_, e)| e));
+                    let mut again = self.new_hold();
+                    for e in std::iter::once(e).chain(rest.map(|(_, e)| e)) {
+                        self.hold(channel, &mut again, e);
+                    }
                     st.held = Some(again);
                     out.repair = true;
                     break;
@@ -896,17 +1060,6 @@ fn fitting_suffix(outbox: &Outbox, entries: &[Arc<Envelope>]) -> usize {
         n += 1;
     }
     n
-}
-
-fn hold(held: &mut Vec<Arc<Envelope>>, env: Arc<Envelope>) {
-    if held.len() >= MAX_HELD {
-        // Dropped from the hold only: an offset-carrying message is in history, which
-        // the repair reads. Counted, because a raw message cannot be read back.
-        held.remove(0);
-        metrics::counter!(m::HELD_OVERFLOW_TOTAL).increment(1);
-        tracing::warn!("repair hold full; dropping its oldest message");
-    }
-    held.push(env);
 }
 
 #[cfg(test)]
@@ -1105,6 +1258,60 @@ mod tests {
         let d = hub.finish_repair("c:x", Some(history(3, [2, 3])));
         assert!(!d.repair);
         assert_eq!(offsets(&drain(&mut ra)), vec![2, 3]);
+    }
+
+    #[test]
+    fn holds_are_bounded_in_bytes_node_wide_and_give_their_bytes_back() {
+        // Room for about four held messages across all channels.
+        let one = held_size(&numbered(2));
+        let hub = Hub::with_hold_limit(2, 4 * one);
+        let (a, mut ra) = subscriber(1, Codec::Json, 1024);
+        let (b, mut rb) = subscriber(2, Codec::Json, 1024);
+        join_live(&hub, "c:a", a, 1);
+        join_live(&hub, "c:b", b, 1);
+        drain(&mut ra);
+        drain(&mut rb);
+        // Gaps on both channels; each holds what arrives meanwhile.
+        for n in 3..=5 {
+            hub.deliver("c:a", numbered(n));
+        }
+        for n in 3..=5 {
+            hub.deliver("c:b", numbered(n));
+        }
+        // Six held in all would pass the bound: the oldest were dropped.
+        assert!(hub.held_bytes() <= 4 * one, "{} held", hub.held_bytes());
+        // c:b dropped its oldest to stay within the node's bound: the repair reads them.
+        hub.begin_repair("c:b").unwrap();
+        let d = hub.finish_repair("c:b", Some(history(5, [2, 3, 4, 5])));
+        assert!(!d.repair);
+        assert_eq!(offsets(&drain(&mut rb)), vec![2, 3, 4, 5]);
+        hub.begin_repair("c:a").unwrap();
+        hub.finish_repair("c:a", Some(history(5, [2, 3, 4, 5])));
+        assert_eq!(offsets(&drain(&mut ra)), vec![2, 3, 4, 5]);
+        assert_eq!(hub.held_bytes(), 0, "every held byte given back");
+    }
+
+    #[test]
+    fn a_repair_given_up_tells_subscribers_and_delivers_what_was_held() {
+        let hub = Hub::new(2);
+        let (a, mut ra) = subscriber(1, Codec::Json, 64);
+        join_live(&hub, "c:x", a, 1);
+        drain(&mut ra);
+        assert!(hub.deliver("c:x", numbered(4)).repair);
+        assert!(!hub.deliver("c:x", numbered(5)).repair);
+        hub.begin_repair("c:x").unwrap();
+        assert!(hub.finish_repair("c:x", None).repair);
+        let d = hub.abandon_repair("c:x");
+        assert!(!d.repair);
+        let frames = drain(&mut ra);
+        assert_eq!(frames[0]["type"], "subscribed");
+        assert_eq!(frames[0]["recovered"], false);
+        assert_eq!(frames[0]["offset"], 3, "{}", frames[0]);
+        assert_eq!(offsets(&frames), vec![4, 5]);
+        assert_eq!(hub.held_bytes(), 0);
+        // The stream goes on from there.
+        assert!(!hub.deliver("c:x", numbered(6)).repair);
+        assert_eq!(offsets(&drain(&mut ra)), vec![6]);
     }
 
     #[test]

@@ -104,7 +104,11 @@ fn describe() {
             "outcome",
             &["recovered", "not_recovered"][..],
         ),
-        (GAP_REPAIRS_TOTAL, "outcome", &["repaired", "reset"][..]),
+        (
+            GAP_REPAIRS_TOTAL,
+            "outcome",
+            &["repaired", "reset", "abandoned"][..],
+        ),
         (
             SLOW_CONSUMER_CLOSES_TOTAL,
             "limit",
@@ -227,7 +231,7 @@ fn describe() {
     describe_counter!(
         GAP_REPAIRS_TOTAL,
         Unit::Count,
-        "Gap repairs that changed something, by outcome (repaired: missed messages delivered; reset: history could not cover the gap, subscribers told recovered:false)."
+        "Gap repairs that changed something, by outcome (repaired: missed messages delivered; reset: history could not cover the gap, subscribers told recovered:false; abandoned: history stayed unreadable for limits.repair_timeout_secs, subscribers told recovered:false)."
     );
     describe_counter!(
         REPAIRED_MESSAGES_TOTAL,

@@ -408,7 +408,7 @@ impl Node {
             addr: settings.listen,
             error,
         })?;
-        let hub = Arc::new(Hub::default());
+        let hub = Arc::new(Hub::with_hold_limit(64, settings.limits.repair_hold_bytes));
         let (subscriptions, commands) = Subscriptions::channel();
         let (repairs, repair_requests) = Repairs::channel();
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();

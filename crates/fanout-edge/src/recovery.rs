@@ -136,6 +136,8 @@ async fn repair(
         .ok()
         .map(|c| settings.namespaces.for_channel(&c).history.ttl);
     let mut backoff = RETRY_MIN;
+    // Since when reads have kept failing.
+    let mut failing: Option<std::time::Instant> = None;
     loop {
         let Some(position) = hub.begin_repair(channel) else {
             // Nobody there any more, no position to repair from, or already repairing.
@@ -153,7 +155,31 @@ async fn repair(
             }
         };
         let failed = read.is_none();
-        let d = hub.finish_repair(channel, read);
+        let mut d = hub.finish_repair(channel, read);
+        if failed {
+            let since = *failing.get_or_insert_with(std::time::Instant::now);
+            if d.repair && since.elapsed() >= settings.limits.repair_timeout() {
+                // History stays out of reach: the subscribers are told they may have
+                // missed messages, instead of the channel being held for ever.
+                d = hub.abandon_repair(channel);
+                failing = None;
+                metrics::counter!(m::GAP_REPAIRS_TOTAL, "outcome" => "abandoned").increment(1);
+                tracing::warn!(
+                    %channel,
+                    after = position.offset,
+                    delivered = d.queued,
+                    "gap repair given up: history unreadable for {} s; subscribers told recovered:false",
+                    settings.limits.repair_timeout().as_secs()
+                );
+                account(subscriptions, channel, &d);
+                if !d.repair {
+                    return;
+                }
+                continue;
+            }
+        } else {
+            failing = None;
+        }
         if d.repaired > 0 || d.reset {
             metrics::counter!(m::GAP_REPAIRS_TOTAL, "outcome" => if d.reset { "reset" } else { "repaired" })
                 .increment(1);

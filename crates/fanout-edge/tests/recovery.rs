@@ -718,6 +718,56 @@ async fn notices_waiting_for_a_slow_conflating_client_are_bounded() {
     node.shutdown().await;
 }
 
+/// A gap whose repair cannot read history (here the channel's history key was
+/// overwritten with the wrong type) is not held for ever: after
+/// `limits.repair_timeout_secs` the subscribers are told `recovered:false` and get what
+/// was held.
+#[tokio::test]
+async fn a_repair_that_keeps_failing_ends_in_recovered_false() {
+    let redis = RedisServer::start().unwrap();
+    let cfg = config_file("[limits]\nrepair_timeout_secs = 2\n");
+    let node = start(Some(&redis.url()), &["--config", cfg.to_str().unwrap()]).await;
+    let mut c = connect(&node, &token("5", &[])).await;
+    let sub = c.subscribe(1, "user:5").await;
+    let epoch = sub["epoch"].as_str().unwrap().to_string();
+    publish_range(&node, "user:5", 1..=1).await;
+    assert_eq!(c.recv_type("message").await["offset"], 1);
+    // History becomes unreadable, then offset 3 arrives (2 is missing).
+    redis.cli(&["DEL", "fanout:{user:5}:meta"]).unwrap();
+    redis
+        .cli(&["SET", "fanout:{user:5}:meta", "not a hash"])
+        .unwrap();
+    let envelope =
+        format!(r#"{{"fanout":1,"offset":3,"epoch":"{epoch}","data":{{"n":3}},"ts":1}}"#);
+    redis.cli(&["PUBLISH", "user:5", &envelope]).unwrap();
+    let started = std::time::Instant::now();
+    let reset = c.recv_type("subscribed").await;
+    assert_eq!(
+        (
+            reset["recovered"].as_bool(),
+            reset["offset"].as_u64(),
+            reset["epoch"].as_str()
+        ),
+        (Some(false), Some(2), Some(epoch.as_str())),
+        "{reset}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let m = c.recv_type("message").await;
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"]["n"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(
+        metric(&node, "fanout_gap_repairs_total{outcome=\"abandoned\"").await,
+        1.0
+    );
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_liveness_probe_catches_a_frozen_redis() {
     let redis = RedisServer::start().unwrap();
