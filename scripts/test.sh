@@ -48,7 +48,7 @@ else
   cargo test --workspace --no-fail-fast "$@"
 fi
 
-# The edge's one `unsafe` (the tagged queue slot in outbox.rs) under a memory checker:
+# The edge's pointer `unsafe` (the tagged queue slot in outbox.rs) under a memory checker:
 # Miri needs a nightly component this machine does not have, so the queue's unit tests
 # (one pushes and takes 12,800 tagged frames across threads) run under valgrind's
 # memcheck, which fails on any invalid read, write or free and on a definite leak.

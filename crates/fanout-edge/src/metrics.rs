@@ -291,7 +291,7 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
-        "Connections refused by a limit, by limit (connections: node full, 1013; pending_auth: too many unauthenticated sockets, 1013; per_ip: 1013; per_user: 4008; origin: 1008)."
+        "Connections refused by a limit, by limit (connections: node full, 1013; pending_auth: too many unauthenticated sockets, 1013; per_ip: 4008; per_user: 4008; origin: 1008)."
     );
     describe_gauge!(
         PENDING_AUTH_CONNECTIONS,

@@ -983,16 +983,19 @@ impl Session {
             granted
         });
         for channel in ended {
-            tracing::info!(session = self.id, %channel, "refresh no longer grants the channel; unsubscribed");
-            metrics::counter!(m::SUBSCRIPTIONS_REVOKED_TOTAL).increment(1);
             self.shared
                 .presence
                 .leave(&channel, &self.client.to_string());
-            if self.shared.hub.remove(&channel, self.id) {
-                // Nothing of it may follow the `unsubscribed` frame.
-                self.outbox.forget(&channel);
-                self.shared.subscriptions.release(channel.clone());
+            // A subscription the hub already ended (a finished job) got its
+            // `unsubscribed` then: nothing more is said of it.
+            if !self.shared.hub.remove(&channel, self.id) {
+                continue;
             }
+            tracing::info!(session = self.id, %channel, "refresh no longer grants the channel; unsubscribed");
+            metrics::counter!(m::SUBSCRIPTIONS_REVOKED_TOTAL).increment(1);
+            // Nothing of it may follow the `unsubscribed` frame.
+            self.outbox.forget(&channel);
+            self.shared.subscriptions.release(channel.clone());
             self.send(&ServerFrame::Unsubscribed {
                 id: None,
                 channel: &channel,

@@ -474,13 +474,17 @@ async fn a_restart_without_persistence_tells_clients_recovered_false_with_a_new_
         "an unsolicited notice: {notice}"
     );
     assert_ne!(notice["epoch"], old_epoch.as_str());
+    // The reset carries the new position, to recover from next time.
+    assert!(notice["epoch"].is_string(), "{notice}");
+    let o = notice["offset"]
+        .as_u64()
+        .expect("the reset carries an offset");
     let after: Vec<&Value> = frames[i + 1..].iter().collect();
     assert!(!after.is_empty());
     for m in &after {
         assert_ne!(m["epoch"], old_epoch.as_str(), "{m}");
-        if let Some(o) = notice["offset"].as_u64() {
-            assert!(m["offset"].as_u64().unwrap() > o, "{m} after {notice}");
-        }
+        assert_eq!(m["epoch"], notice["epoch"], "{m}");
+        assert!(m["offset"].as_u64().unwrap() > o, "{m} after {notice}");
     }
     assert!(metric(&node, "fanout_gap_repairs_total{outcome=\"reset\"").await >= 1.0);
     node.shutdown().await;

@@ -114,11 +114,26 @@ async fn refresh_ends_the_subscriptions_the_new_token_no_longer_grants() {
         let node = start(backend.url().as_deref(), &[]).await;
         // (One metrics registry per test process: both backends count into it.)
         let revoked = metric(&node, "fanout_subscriptions_revoked_total").await;
-        let old = token_with(json!({"sub":"5","exp":now()+600,"channels":["chat:a","chat:b"]}));
+        let old = token_with(
+            json!({"sub":"5","exp":now()+600,"channels":["chat:a","chat:b","job_progress:5"]}),
+        );
         let mut c = connect(&node, &old).await;
-        for (id, ch) in [(1, "chat:a"), (2, "chat:b"), (3, "user:5")] {
+        for (id, ch) in [
+            (1, "chat:a"),
+            (2, "chat:b"),
+            (3, "user:5"),
+            (8, "job_progress:5"),
+        ] {
             assert_eq!(c.subscribe(id, ch).await["type"], "subscribed", "{ch}");
         }
+        // A job that finishes before the refresh: its subscription ended then, and the
+        // refresh says nothing more of it.
+        let (status, body) =
+            api_publish(&node, "job_progress:5", json!({"status": "succeeded"})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(c.recv_type("message").await["channel"], "job_progress:5");
+        let done = c.recv_type("unsubscribed").await;
+        assert_eq!(done["reason"], "completed", "{done}");
         // Granted by a subscription token: kept until that token expires.
         let sub = token_with(json!({"sub":"5","exp":now()+600,"channel":"job_progress:9"}));
         c.send(json!({"type":"subscribe","id":4,"channel":"job_progress:9","token":sub}))

@@ -56,6 +56,8 @@ pub enum CloseCode {
     /// Drain: reconnect elsewhere.
     GoingAway = 1001,
     ProtocolError = 1002,
+    /// A text message that is not UTF-8.
+    InvalidData = 1007,
     /// Origin not allowed.
     Policy = 1008,
     TooBig = 1009,
@@ -81,6 +83,7 @@ impl CloseCode {
         match self {
             CloseCode::GoingAway => "going away",
             CloseCode::ProtocolError => "protocol error",
+            CloseCode::InvalidData => "invalid UTF-8",
             CloseCode::Policy => "policy violation",
             CloseCode::TooBig => "message too big",
             CloseCode::Internal => "internal error",
@@ -94,11 +97,17 @@ impl CloseCode {
         }
     }
 
-    /// Whether a client should reconnect after this close.
+    /// Whether a client should reconnect after this close. It should not after a
+    /// protocol error, invalid data, a refused Origin, a message too big, a refused
+    /// token (unless a new token fixes it), a forbidden channel or an admin
+    /// disconnect: trying again would fail the same way.
     pub fn reconnect(self) -> bool {
         !matches!(
             self,
-            CloseCode::Policy
+            CloseCode::ProtocolError
+                | CloseCode::InvalidData
+                | CloseCode::Policy
+                | CloseCode::TooBig
                 | CloseCode::Unauthorized
                 | CloseCode::Forbidden
                 | CloseCode::DisconnectedByAdmin
@@ -109,6 +118,7 @@ impl CloseCode {
         Some(match code {
             1001 => CloseCode::GoingAway,
             1002 => CloseCode::ProtocolError,
+            1007 => CloseCode::InvalidData,
             1008 => CloseCode::Policy,
             1009 => CloseCode::TooBig,
             1011 => CloseCode::Internal,
@@ -155,5 +165,13 @@ mod tests {
         assert!(CloseCode::from_u16(4999).is_none());
         assert!(!CloseCode::DisconnectedByAdmin.reconnect());
         assert!(CloseCode::GoingAway.reconnect());
+        // What the contract says a client does: stop on these …
+        for c in [1002, 1007, 1008, 1009, 4001, 4003, 4010] {
+            assert!(!CloseCode::from_u16(c).unwrap().reconnect(), "{c}");
+        }
+        // … and reconnect (with backoff, or a new token) on these.
+        for c in [1001, 1011, 1013, 4004, 4008, 4009] {
+            assert!(CloseCode::from_u16(c).unwrap().reconnect(), "{c}");
+        }
     }
 }
