@@ -117,7 +117,7 @@ fn describe() {
         (
             INTERNAL_ERRORS_TOTAL,
             "place",
-            &["control", "deliver", "session"][..],
+            &["control", "deliver", "session", "subscriptions"][..],
         ),
         (
             CONNECTIONS_REFUSED_TOTAL,

@@ -64,7 +64,22 @@ impl Subscriptions {
     }
 }
 
+/// What a broker call, run beside the task, reports back.
+enum Done {
+    /// Each channel of a SUBSCRIBE made in broker connection `generation`, with its
+    /// outcome (a refused batch is retried channel by channel inside the call, so that
+    /// one bad channel fails alone).
+    Subscribed(u64, Vec<(Arc<str>, Result<(), BrokerError>)>),
+    Unsubscribed(Vec<Arc<str>>),
+}
+
 /// The task: runs until `stop` is cancelled or every handle is dropped.
+///
+/// It owns the reference counts and decides; broker calls run beside it (at most one
+/// per channel at a time, so a SUBSCRIBE and an UNSUBSCRIBE of one channel never
+/// cross), and report back. So one slow or refused call — a shard that does not
+/// answer, a batch retried channel by channel — delays only the channels it carries,
+/// never the node's other subscribes.
 pub(crate) async fn run(
     broker: Arc<dyn Broker>,
     mut rx: mpsc::UnboundedReceiver<Command>,
@@ -75,7 +90,12 @@ pub(crate) async fn run(
         broker,
         refs: HashMap::new(),
         subscribed: HashSet::new(),
+        in_flight: HashSet::new(),
+        waiters: HashMap::new(),
+        repair_after: HashSet::new(),
+        generation: 0,
     };
+    let mut calls: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
     let mut commands = Vec::with_capacity(BATCH);
     // Channels still wanted by sockets that hold them, but not subscribed because the
     // broker refused or timed out (typically right after a reconnect): retried on their
@@ -84,116 +104,193 @@ pub(crate) async fn run(
     let mut backoff = RETRY_MIN;
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let mut retry_now = false;
+        let mut touched: Vec<Arc<str>> = Vec::new();
         tokio::select! {
             _ = stop.cancelled() => return,
             n = rx.recv_many(&mut commands, BATCH) => {
                 if n == 0 {
                     return;
                 }
+                for command in commands.drain(..) {
+                    match command {
+                        Command::Acquire(channel, reply) => {
+                            *state.refs.entry(channel.clone()).or_default() += 1;
+                            if state.subscribed.contains(&channel) && !state.in_flight.contains(&channel) {
+                                if reply.send(Ok(())).is_err() {
+                                    // The acquirer stopped waiting already.
+                                    state.release(&channel);
+                                    touched.push(channel);
+                                }
+                            } else {
+                                state.waiters.entry(channel.clone()).or_default().push(reply);
+                                touched.push(channel);
+                            }
+                        }
+                        Command::Release(channel) => {
+                            state.release(&channel);
+                            touched.push(channel);
+                        }
+                        Command::Resubscribe => {
+                            // After a reconnect the broker has none of our subscriptions;
+                            // each one made again is checked against history after.
+                            state.subscribed.clear();
+                            state.generation += 1;
+                            retry.clear();
+                            for c in state.refs.keys() {
+                                state.repair_after.insert(c.clone());
+                                touched.push(c.clone());
+                            }
+                        }
+                    }
+                }
+            }
+            Some(done) = calls.join_next(), if !calls.is_empty() => {
+                match done {
+                    Ok(Done::Subscribed(generation, results)) => {
+                        for (channel, result) in results {
+                            state.in_flight.remove(&channel);
+                            // Made before the broker reconnected: it is gone with that
+                            // connection, and made again below.
+                            let result = match result {
+                                Ok(()) if generation != state.generation => {
+                                    touched.push(channel);
+                                    continue;
+                                }
+                                other => other,
+                            };
+                            match result {
+                                Ok(()) => {
+                                    state.subscribed.insert(channel.clone());
+                                    // Subscribed again after a reconnect or a failure: what
+                                    // was published meanwhile is read from history.
+                                    if state.repair_after.remove(&channel) {
+                                        repairs.request(&channel);
+                                    }
+                                    state.answer(&channel, Ok(()));
+                                }
+                                Err(error) => {
+                                    state.answer(&channel, Err(error));
+                                    // Still held by other sockets: retried on the timer.
+                                    if state.refs.contains_key(&channel) {
+                                        state.repair_after.insert(channel.clone());
+                                        retry.insert(channel.clone());
+                                    } else if state.broker.is_ready() {
+                                        // A SUBSCRIBE that timed out may still have been
+                                        // applied: nobody wants it, so make sure.
+                                        state.in_flight.insert(channel.clone());
+                                        calls.spawn(unsubscribe(state.broker.clone(), vec![channel.clone()]));
+                                    }
+                                }
+                            }
+                            touched.push(channel);
+                        }
+                    }
+                    Ok(Done::Unsubscribed(channels)) => {
+                        for channel in channels {
+                            state.in_flight.remove(&channel);
+                            state.subscribed.remove(&channel);
+                            touched.push(channel);
+                        }
+                    }
+                    Err(error) => {
+                        // A broker call panicked: a bug, contained to its channels, which
+                        // stay in flight (never subscribed twice) until a reconnect.
+                        metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "subscriptions").increment(1);
+                        tracing::error!(%error, "bug: a broker subscription call failed to complete");
+                    }
+                }
             }
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                retry_now = true;
+                retry_at = None;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                touched.extend(retry.drain());
             }
         }
-        let mut waiting: Vec<(Arc<str>, Reply)> = Vec::new();
-        let mut touched: Vec<Arc<str>> = Vec::new();
-        let mut resubscribe = false;
-        for command in commands.drain(..) {
-            match command {
-                Command::Acquire(channel, reply) => {
-                    *state.refs.entry(channel.clone()).or_default() += 1;
-                    touched.push(channel.clone());
-                    waiting.push((channel, reply));
-                }
-                Command::Release(channel) => {
-                    state.release(&channel);
-                    touched.push(channel);
-                }
-                Command::Resubscribe => resubscribe = true,
-            }
-        }
-        if resubscribe {
-            // After a reconnect the broker has none of our subscriptions.
-            state.subscribed.clear();
-            touched.extend(state.refs.keys().cloned());
-            retry.clear();
-        }
-        // New work first, in its own batches; retries separately, so that one channel
-        // the broker keeps refusing cannot fail unrelated subscribes.
         let (to_subscribe, to_unsubscribe) = state.plan(touched);
-        let failed = state.subscribe(&to_subscribe).await;
-        state.unsubscribe(&to_unsubscribe).await;
-        let mut retry_failed = HashSet::new();
-        let mut retried = Vec::new();
-        if retry_now {
-            let (again, _) = state.plan(retry.drain().collect());
-            retry_failed = state.subscribe(&again).await.into_keys().collect();
-            retried = again;
+        for chunk in to_subscribe.chunks(BATCH) {
+            state.in_flight.extend(chunk.iter().cloned());
+            calls.spawn(subscribe(
+                state.broker.clone(),
+                state.generation,
+                chunk.to_vec(),
+            ));
         }
-        // A channel subscribed again after a reconnect (or a failed attempt) may have
-        // missed messages meanwhile: its history is checked against what was dispatched.
-        // (A first subscribe needs no repair: the hub has no position for it yet.)
-        if resubscribe || !retried.is_empty() {
-            for c in to_subscribe.iter().chain(retried.iter()) {
-                if state.subscribed.contains(c) {
-                    repairs.request(c);
-                }
-            }
+        for chunk in to_unsubscribe.chunks(BATCH) {
+            state.in_flight.extend(chunk.iter().cloned());
+            calls.spawn(unsubscribe(state.broker.clone(), chunk.to_vec()));
         }
-        let mut acquired = Vec::new();
-        let mut abandoned = Vec::new();
-        for (channel, reply) in waiting {
-            let result = match failed.get(&channel) {
-                Some(error) => {
-                    // The acquirer will not subscribe locally: give its reference back.
-                    state.release(&channel);
-                    Err(error.clone())
-                }
-                None => Ok(()),
-            };
-            let ok = result.is_ok();
-            if reply.send(result).is_err() && ok {
-                // The acquirer gave up waiting (its subscribe passed its deadline, or
-                // its connection closed): nobody will release this reference.
-                state.release(&channel);
-                abandoned.push(channel.clone());
-            }
-            acquired.push(channel);
-        }
-        if !abandoned.is_empty() {
-            let (_, unsubscribe) = state.plan(abandoned);
-            state.unsubscribe(&unsubscribe).await;
-        }
-        // Channels that failed but are still held by other sockets are retried.
-        retry.extend(failed.into_keys().chain(retry_failed.iter().cloned()));
-        retry.retain(|c| state.refs.contains_key(c));
-        // A SUBSCRIBE that timed out may still have been applied: make sure channels
-        // nobody wants are not left subscribed.
-        let stale: Vec<Arc<str>> = acquired
-            .into_iter()
-            .filter(|c| !state.refs.contains_key(c) && !state.subscribed.contains(c))
-            .collect();
-        if !stale.is_empty() && state.broker.is_ready() {
-            let _ = state.broker.unsubscribe(&stale).await;
-        }
+        retry.retain(|c| state.refs.contains_key(c) && !state.subscribed.contains(c));
         if retry.is_empty() {
             backoff = RETRY_MIN;
             retry_at = None;
-        } else if retry_now || retry_at.is_none() {
-            if retry_now && !retry_failed.is_empty() {
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
+        } else if retry_at.is_none() {
             retry_at = Some(tokio::time::Instant::now() + backoff);
         }
         metrics::gauge!(m::CHANNELS).set(state.subscribed.len() as f64);
     }
 }
 
+/// SUBSCRIBE `channels` in one call; a refused batch is retried channel by channel,
+/// concurrently (while the broker is up), so that one bad channel fails alone.
+async fn subscribe(broker: Arc<dyn Broker>, generation: u64, channels: Vec<Arc<str>>) -> Done {
+    let started = Instant::now();
+    match broker.subscribe(&channels).await {
+        Ok(()) => {
+            metrics::histogram!(m::BROKER_SUBSCRIBE_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            Done::Subscribed(
+                generation,
+                channels.into_iter().map(|c| (c, Ok(()))).collect(),
+            )
+        }
+        Err(error) => {
+            metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "subscribe").increment(1);
+            tracing::warn!(%error, channels = channels.len(), "broker subscribe failed");
+            if channels.len() > 1 && broker.is_ready() {
+                let one_by_one = channels.iter().map(|c| {
+                    let broker = broker.clone();
+                    async move { broker.subscribe(std::slice::from_ref(c)).await }
+                });
+                let results = futures_util::future::join_all(one_by_one).await;
+                Done::Subscribed(generation, channels.into_iter().zip(results).collect())
+            } else {
+                Done::Subscribed(
+                    generation,
+                    channels
+                        .into_iter()
+                        .map(|c| (c, Err(error.clone())))
+                        .collect(),
+                )
+            }
+        }
+    }
+}
+
+/// UNSUBSCRIBE `channels`; either way they are no longer wanted (a reconnect
+/// subscribes only what is wanted).
+async fn unsubscribe(broker: Arc<dyn Broker>, channels: Vec<Arc<str>>) -> Done {
+    for chunk in channels.chunks(BATCH) {
+        if let Err(error) = broker.unsubscribe(chunk).await {
+            metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "unsubscribe").increment(1);
+            tracing::warn!(%error, channels = chunk.len(), "broker unsubscribe failed");
+        }
+    }
+    Done::Unsubscribed(channels)
+}
+
 struct State {
     broker: Arc<dyn Broker>,
     refs: HashMap<Arc<str>, usize>,
     subscribed: HashSet<Arc<str>>,
+    /// Channels with a broker call under way: nothing more is asked for them until it
+    /// reports back.
+    in_flight: HashSet<Arc<str>>,
+    /// Acquirers waiting for their channel's subscription.
+    waiters: HashMap<Arc<str>, Vec<Reply>>,
+    /// Channels to check against history once subscribed again.
+    repair_after: HashSet<Arc<str>>,
+    /// Counts broker reconnects: a subscription made before the last one is void.
+    generation: u64,
 }
 
 impl State {
@@ -206,14 +303,26 @@ impl State {
         }
     }
 
+    /// Answers the acquirers waiting for `channel`. A refused one gives its reference
+    /// back (it will not subscribe locally); so does one that stopped waiting (its
+    /// subscribe passed its deadline, or its connection closed).
+    fn answer(&mut self, channel: &Arc<str>, result: Result<(), BrokerError>) {
+        for reply in self.waiters.remove(channel).unwrap_or_default() {
+            let ok = result.is_ok();
+            if reply.send(result.clone()).is_err() || !ok {
+                self.release(channel);
+            }
+        }
+    }
+
     /// What to subscribe and unsubscribe so that the broker matches the reference
-    /// counts for `channels`.
+    /// counts for `channels` (those with a call under way are decided when it reports).
     fn plan(&self, channels: Vec<Arc<str>>) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
         let mut seen = HashSet::new();
         for channel in channels {
-            if !seen.insert(channel.clone()) {
+            if !seen.insert(channel.clone()) || self.in_flight.contains(&channel) {
                 continue;
             }
             match (
@@ -226,53 +335,5 @@ impl State {
             }
         }
         (subscribe, unsubscribe)
-    }
-
-    /// Subscribes in batches; a refused batch is retried channel by channel (while the
-    /// broker is up) so that one bad channel fails alone. Returns what failed.
-    async fn subscribe(&mut self, channels: &[Arc<str>]) -> HashMap<Arc<str>, BrokerError> {
-        let mut failed = HashMap::new();
-        for chunk in channels.chunks(BATCH) {
-            let started = Instant::now();
-            match self.broker.subscribe(chunk).await {
-                Ok(()) => {
-                    metrics::histogram!(m::BROKER_SUBSCRIBE_SECONDS)
-                        .record(started.elapsed().as_secs_f64());
-                    self.subscribed.extend(chunk.iter().cloned());
-                }
-                Err(error) => {
-                    metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "subscribe").increment(1);
-                    tracing::warn!(%error, channels = chunk.len(), "broker subscribe failed");
-                    if chunk.len() > 1 && self.broker.is_ready() {
-                        for c in chunk {
-                            match self.broker.subscribe(std::slice::from_ref(c)).await {
-                                Ok(()) => {
-                                    self.subscribed.insert(c.clone());
-                                }
-                                Err(e) => {
-                                    failed.insert(c.clone(), e);
-                                }
-                            }
-                        }
-                    } else {
-                        failed.extend(chunk.iter().map(|c| (c.clone(), error.clone())));
-                    }
-                }
-            }
-        }
-        failed
-    }
-
-    async fn unsubscribe(&mut self, channels: &[Arc<str>]) {
-        for chunk in channels.chunks(BATCH) {
-            if let Err(error) = self.broker.unsubscribe(chunk).await {
-                metrics::counter!(m::BROKER_ERRORS_TOTAL, "op" => "unsubscribe").increment(1);
-                tracing::warn!(%error, channels = chunk.len(), "broker unsubscribe failed");
-            }
-            // Either way we no longer want them; a reconnect subscribes only what is wanted.
-            for c in chunk {
-                self.subscribed.remove(c);
-            }
-        }
     }
 }

@@ -248,3 +248,64 @@ async fn sharded_pubsub_survives_failover_and_slot_moves_without_loss() {
         edge.shutdown().await;
     }
 }
+
+/// One shard that stops answering delays only its own channels: a subscribe to a
+/// channel of another shard is served at once, not queued behind the stuck one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_shard_delays_only_its_own_subscribes() {
+    let cluster = Arc::new(
+        tokio::task::spawn_blocking(|| RedisCluster::start(3, 0))
+            .await
+            .unwrap()
+            .expect("redis cluster"),
+    );
+    let cfg = config_file(
+        "[limits]\nsubscribe_timeout_secs = 3\n[namespaces.room]\nsubscribe = \"authenticated\"\n",
+    );
+    let node = start(Some(&cluster.url()), &["--config", cfg.to_str().unwrap()]).await;
+    let channels = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || channel_per_shard(&cluster))
+            .await
+            .unwrap()
+    };
+    let (stuck, stuck_port) = channels[0].clone();
+    let (free, _) = channels[1].clone();
+    // The stuck shard's primary stops answering for 4 s.
+    cluster
+        .node(stuck_port)
+        .cli(&["CLIENT", "PAUSE", "4000", "ALL"])
+        .unwrap();
+    let mut a = connect(&node, &token("1", &[])).await;
+    let mut b = connect(&node, &token("2", &[])).await;
+    a.send(json!({"type":"subscribe","id":1,"channel":stuck}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let r = b.subscribe(1, &free).await;
+    let took = started.elapsed();
+    assert_eq!(r["type"], "subscribed", "{r}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "the free shard's subscribe waited {took:?}"
+    );
+    // The stuck one ends at its deadline, and works once the shard answers again.
+    let e = a.recv().await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{e}"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut ok = false;
+    for id in 2..10 {
+        let r = a.subscribe(id, &stuck).await;
+        if r["type"] == "subscribed" {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(ok, "the stuck shard's channel never subscribed");
+    node.shutdown().await;
+}

@@ -34,6 +34,10 @@ pub struct RedisBroker {
     presence_refresh_sha: String,
     presence_prune_sha: String,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// One SUBSCRIBE/UNSUBSCRIBE at a time on the (single) subscriber connection: each
+    /// is confirmed by a PING that must follow it in step, which calls made at once
+    /// would interleave. (Sharded mode needs none: each SSUBSCRIBE has its own reply.)
+    in_order: tokio::sync::Mutex<()>,
 }
 
 /// Messages buffered between fred's connection task and the node's reader. A reader
@@ -369,6 +373,7 @@ impl RedisBroker {
             presence_refresh_sha: fred::util::sha1_hash(PRESENCE_REFRESH_SCRIPT),
             presence_prune_sha: fred::util::sha1_hash(PRESENCE_PRUNE_SCRIPT),
             tasks,
+            in_order: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -403,6 +408,7 @@ impl Broker for RedisBroker {
         // PING with a fresh token follows the SUBSCRIBE: its own PONG confirms it, an
         // error is the refusal, and anything else means the answer was lost — the
         // subscription counts as failed and is retried.
+        let _in_order = self.in_order.lock().await;
         self.in_step().await?;
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
         self.subscriber.subscribe(keys).await.map_err(unavailable)?;
@@ -428,6 +434,7 @@ impl Broker for RedisBroker {
             }
             return Ok(());
         }
+        let _in_order = self.in_order.lock().await;
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
         self.subscriber.unsubscribe(keys).await.map_err(unavailable)
     }
