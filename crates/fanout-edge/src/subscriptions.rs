@@ -96,6 +96,11 @@ pub(crate) async fn run(
         generation: 0,
     };
     let mut calls: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
+    // Planned calls waiting for a free turn (their channels count as in flight):
+    // batched when they go.
+    let mut queued_subscribe: Vec<Arc<str>> = Vec::new();
+    let mut queued_unsubscribe: Vec<Arc<str>> = Vec::new();
+    let max_calls = state.broker.subscribe_calls().max(1);
     let mut commands = Vec::with_capacity(BATCH);
     // Channels still wanted by sockets that hold them, but not subscribed because the
     // broker refused or timed out (typically right after a reconnect): retried on their
@@ -178,7 +183,7 @@ pub(crate) async fn run(
                                         // A SUBSCRIBE that timed out may still have been
                                         // applied: nobody wants it, so make sure.
                                         state.in_flight.insert(channel.clone());
-                                        calls.spawn(unsubscribe(state.broker.clone(), vec![channel.clone()]));
+                                        queued_unsubscribe.push(channel.clone());
                                     }
                                 }
                             }
@@ -207,17 +212,29 @@ pub(crate) async fn run(
             }
         }
         let (to_subscribe, to_unsubscribe) = state.plan(touched);
-        for chunk in to_subscribe.chunks(BATCH) {
-            state.in_flight.extend(chunk.iter().cloned());
-            calls.spawn(subscribe(
-                state.broker.clone(),
-                state.generation,
-                chunk.to_vec(),
-            ));
+        state.in_flight.extend(to_subscribe.iter().cloned());
+        state.in_flight.extend(to_unsubscribe.iter().cloned());
+        queued_subscribe.extend(to_subscribe);
+        queued_unsubscribe.extend(to_unsubscribe);
+        while calls.len() < max_calls
+            && !(queued_subscribe.is_empty() && queued_unsubscribe.is_empty())
+        {
+            if !queued_unsubscribe.is_empty() {
+                let n = queued_unsubscribe.len().min(BATCH);
+                let batch: Vec<Arc<str>> = queued_unsubscribe.drain(..n).collect();
+                calls.spawn(unsubscribe(state.broker.clone(), batch));
+            } else {
+                let n = queued_subscribe.len().min(BATCH);
+                let batch: Vec<Arc<str>> = queued_subscribe.drain(..n).collect();
+                calls.spawn(subscribe(state.broker.clone(), state.generation, batch));
+            }
         }
-        for chunk in to_unsubscribe.chunks(BATCH) {
-            state.in_flight.extend(chunk.iter().cloned());
-            calls.spawn(unsubscribe(state.broker.clone(), chunk.to_vec()));
+        if state.in_flight.is_empty() && state.in_flight.capacity() > BATCH {
+            // A burst is over: its bookkeeping need not stay allocated.
+            state.in_flight.shrink_to_fit();
+            state.waiters.shrink_to_fit();
+            queued_subscribe = Vec::new();
+            queued_unsubscribe = Vec::new();
         }
         retry.retain(|c| state.refs.contains_key(c) && !state.subscribed.contains(c));
         if retry.is_empty() {

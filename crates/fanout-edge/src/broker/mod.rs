@@ -61,6 +61,11 @@ pub trait Broker: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Whether the broker is connected and can subscribe and publish.
     fn is_ready(&self) -> bool;
+    /// How many subscribe/unsubscribe calls may run at once. Calls that wait for a
+    /// free turn are batched, so a burst of subscribes goes out in few commands.
+    fn subscribe_calls(&self) -> usize {
+        16
+    }
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
     /// Publishes with history: the message gets the channel's next offset. Resent

@@ -388,6 +388,17 @@ impl Broker for RedisBroker {
         self.subscriber.is_connected() && self.publisher.client().is_connected()
     }
 
+    fn subscribe_calls(&self) -> usize {
+        // One subscriber connection takes them one at a time anyway (each is confirmed
+        // in step); a cluster has one per primary, and a stuck shard must not hold up
+        // the others.
+        if self.sharded {
+            16
+        } else {
+            1
+        }
+    }
+
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
         if self.sharded {
             // One channel per SSUBSCRIBE: channels of one command must share a slot, and
