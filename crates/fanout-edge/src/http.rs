@@ -184,12 +184,13 @@ fn upgrade(
             )
         }
     };
-    let handshake = Handshake {
+    let handshake = Box::new(Handshake {
         codec,
         auth,
         refuse,
-    };
-    tracker.spawn(session::run(shared, fut, handshake, admission));
+        admission,
+    });
+    tracker.spawn(session::run(shared, fut, handshake));
     let (mut parts, _) = response.into_parts();
     if offered.is_some() {
         parts.headers.insert(

@@ -199,8 +199,9 @@ struct ChannelState {
     live: Vec<Subscriber>,
     joining: Vec<Joining>,
     position: Option<Position>,
-    /// Messages held, in arrival order, while the node repairs a gap from history.
-    held: Option<Held>,
+    /// Messages held, in arrival order, while the node repairs a gap from history
+    /// (boxed: rare, and every channel carries the field).
+    held: Option<Box<Held>>,
     /// How many were held when the running repair's read began.
     held_at_read: usize,
     repairing: bool,
@@ -507,8 +508,8 @@ impl Hub {
         }
     }
 
-    fn new_hold(&self) -> Held {
-        Held::new(&self.held_bytes)
+    fn new_hold(&self) -> Box<Held> {
+        Box::new(Held::new(&self.held_bytes))
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -860,7 +861,7 @@ impl Hub {
         }
         let position = st.position.clone()?;
         st.repairing = true;
-        st.held_at_read = st.held.as_ref().map_or(0, Held::len);
+        st.held_at_read = st.held.as_ref().map_or(0, |h| h.len());
         if st.held.is_none() {
             st.held = Some(self.new_hold());
         }
@@ -975,7 +976,7 @@ impl Hub {
         }
         // (Given up, no read was made: nothing held predates one.)
         let before_read = if abandon { 0 } else { st.held_at_read };
-        let mut rest = held.into_iter().enumerate();
+        let mut rest = (*held).into_iter().enumerate();
         while let Some((i, e)) = rest.next() {
             // A message held before the read, of an epoch other than the one read, is
             // from a stream that had already ended when the read was made: the reset

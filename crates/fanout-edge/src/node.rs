@@ -155,8 +155,7 @@ impl Shared {
         let mut admission = Admission {
             shared: self.clone(),
             stage: Stage::Pending,
-            ip: None,
-            user: None,
+            counted: None,
         };
         if limits.max_connections_per_ip > 0 {
             let mut per_ip = self.per_ip.lock().expect("per_ip lock");
@@ -170,7 +169,7 @@ impl Shared {
                 ));
             }
             *count += 1;
-            admission.ip = Some(ip);
+            admission.counted.get_or_insert_with(Default::default).ip = Some(ip);
         }
         match user {
             Some(user) => admission.connect(user)?,
@@ -211,9 +210,14 @@ enum Stage {
 pub(crate) struct Admission {
     shared: Arc<Shared>,
     stage: Stage,
-    /// Counted in the per-IP limit.
+    /// What it counts in the per-IP and per-user limits, when those are set (boxed:
+    /// every connection carries this, and the limits are off by default).
+    counted: Option<Box<Counted>>,
+}
+
+#[derive(Default)]
+struct Counted {
     ip: Option<IpAddr>,
-    /// Counted in the per-user limit.
     user: Option<Arc<str>>,
 }
 
@@ -248,7 +252,7 @@ impl Admission {
                 ));
             }
             *count += 1;
-            self.user = Some(user.clone());
+            self.counted.get_or_insert_with(Default::default).user = Some(user.clone());
         }
         let pending = shared.pending.fetch_sub(1, Ordering::AcqRel) - 1;
         metrics::gauge!(m::PENDING_AUTH_CONNECTIONS).set(pending as f64);
@@ -271,7 +275,10 @@ impl Drop for Admission {
                 metrics::gauge!(m::CONNECTIONS).set(n as f64);
             }
         }
-        if let Some(ip) = self.ip {
+        let Some(counted) = self.counted.take() else {
+            return;
+        };
+        if let Some(ip) = counted.ip {
             let mut per_ip = shared.per_ip.lock().expect("per_ip lock");
             if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
@@ -280,7 +287,7 @@ impl Drop for Admission {
                 }
             }
         }
-        if let Some(user) = &self.user {
+        if let Some(user) = &counted.user {
             let mut per_user = shared.per_user.lock().expect("per_user lock");
             if let Some(count) = per_user.get_mut(user) {
                 *count -= 1;

@@ -42,6 +42,8 @@ pub(crate) struct Handshake {
     pub auth: Option<Result<Principal, AuthError>>,
     /// A reason to close right after the upgrade (Origin, a limit, drain).
     pub refuse: Option<Refusal>,
+    /// The socket's place in the node's limits (`None`: refused by one).
+    pub admission: Option<Admission>,
 }
 
 /// Runs a connection to its end, from the upgrade on. (The upgrade is awaited here,
@@ -52,11 +54,12 @@ pub(crate) struct Handshake {
 pub(crate) fn run(
     shared: Arc<Shared>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
-    handshake: Handshake,
-    admission: Option<Admission>,
+    handshake: Box<Handshake>,
 ) -> impl Future<Output = ()> + Send {
     // A block, not an `async fn`: an async fn's arguments are stored twice in its
     // future (as captured, then moved to locals), and every connection carries it.
+    // (The handshake comes boxed for the same reason: what the block captures stays in
+    // it for the connection's whole life, even once moved out.)
     async move {
         let io: TokioIo<Upgraded> = match upgrade.await {
             Ok(ws) => ws.into_inner(),
@@ -77,6 +80,12 @@ pub(crate) fn run(
         };
         let (mut input, output) =
             wire::split(tcp, pre_read, shared.settings.limits.max_message_size);
+        let Handshake {
+            codec,
+            auth,
+            refuse,
+            admission,
+        } = *handshake;
 
         let control = Arc::new(Control::new());
         let id = shared.open_session(control.clone());
@@ -85,7 +94,7 @@ pub(crate) fn run(
             output,
             outbox_rx,
             control.clone(),
-            handshake.codec,
+            codec,
             shared.settings.limits.silence_timeout(),
         ));
 
@@ -94,7 +103,7 @@ pub(crate) fn run(
             id,
             client: ClientId(rand::random()),
             shared: shared.clone(),
-            codec: handshake.codec,
+            codec,
             outbox,
             control: control.clone(),
             principal: None,
@@ -108,9 +117,9 @@ pub(crate) fn run(
             client_closed: false,
             admission,
         };
-        if let Some(r) = handshake.refuse {
+        if let Some(r) = refuse {
             control.close_raw(r.code.code(), r.reason.into());
-        } else if let Some(auth) = handshake.auth {
+        } else if let Some(auth) = auth {
             match auth {
                 Ok(principal) => session.authenticated(principal),
                 Err(error) => session.refuse_token(&error),
