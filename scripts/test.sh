@@ -58,7 +58,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
         print(m["executable"])')
-valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
+valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --show-possibly-lost=no \
   "$edge_lib_tests" --test-threads 1 outbox::
 
 # Deployment artefacts, offline, with a live node built by the tests above (wherever
