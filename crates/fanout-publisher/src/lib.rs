@@ -105,6 +105,9 @@ fn is_transient(e: &fred::error::Error) -> bool {
     use fred::error::ErrorKind as K;
     match e.kind() {
         K::IO | K::Timeout | K::Canceled | K::Routing | K::Cluster | K::Backpressure => true,
+        // fred's own word for a write it could not make (the connection went mid-write,
+        // as in a failover) with no attempt left: resending under the same key is safe.
+        K::Unknown if e.details().starts_with("Too many failed write attempts") => true,
         K::Unknown | K::Protocol => {
             let first = e.details().split_whitespace().next().unwrap_or("");
             matches!(
@@ -746,6 +749,7 @@ mod tests {
         )
         .is_transient());
         assert!(redis(ErrorKind::Unknown, "LOADING Redis is loading").is_transient());
+        assert!(redis(ErrorKind::Unknown, "Too many failed write attempts.").is_transient());
         assert!(PublishError::Timeout(Duration::from_secs(1)).is_transient());
         assert!(!redis(ErrorKind::Unknown, "ERR Error running script").is_transient());
         assert!(!redis(ErrorKind::Auth, "NOAUTH").is_transient());
