@@ -901,11 +901,19 @@ impl Hub {
                     .cloned()
             });
             match (first, st.position.clone()) {
-                (Some(e), _) => HistoryRead {
-                    epoch: e.epoch.clone(),
-                    top: e.offset.unwrap_or(1).saturating_sub(1),
-                    entries: Vec::new(),
-                },
+                (Some(e), p) => {
+                    let before_first = e.offset.unwrap_or(1).saturating_sub(1);
+                    // Never back: held duplicates of what was dispatched stay dropped.
+                    let top = match p {
+                        Some(p) if p.epoch == e.epoch => before_first.max(p.offset),
+                        _ => before_first,
+                    };
+                    HistoryRead {
+                        epoch: e.epoch.clone(),
+                        top,
+                        entries: Vec::new(),
+                    }
+                }
                 (None, Some(p)) => HistoryRead {
                     epoch: p.epoch,
                     top: p.offset,

@@ -324,6 +324,11 @@ impl Outbox {
         }
         if s.conflating.load(Ordering::Acquire) {
             let mut pending = s.pending();
+            // Re-checked under the lock: the Inbox's drop condemns the connection, then
+            // empties the slots under it, and nothing may be added after.
+            if s.slow.load(Ordering::Relaxed) {
+                return false;
+            }
             if let Some(slot) = pending.iter_mut().find(|s| &s.channel == channel) {
                 let len = frame.len() as isize;
                 match slot.frames.last_mut() {
@@ -361,6 +366,9 @@ impl Outbox {
             Err(Refused::Closed) => false,
             Err(Refused::Full(_, frame)) => {
                 let mut pending = s.pending();
+                if s.slow.load(Ordering::Relaxed) {
+                    return false;
+                }
                 if let Err(limit) = s.slot_fits(frame.len()) {
                     drop(pending);
                     self.slow(limit);

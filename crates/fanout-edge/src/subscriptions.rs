@@ -44,13 +44,22 @@ impl Subscriptions {
 
     /// Takes a reference on `channel`, subscribing at the broker if it is the first;
     /// resolves once the broker subscription is in place.
+    ///
+    /// Cancel-safe: dropped while it waits, the reference is given back whether or not
+    /// the answer had already arrived.
     pub async fn acquire(&self, channel: Arc<str>) -> Result<(), BrokerError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Acquire(channel, tx))
+            .send(Command::Acquire(channel.clone(), tx))
             .map_err(|_| BrokerError::Unavailable("node is shutting down".into()))?;
-        rx.await
-            .map_err(|_| BrokerError::Unavailable("node is shutting down".into()))?
+        let mut waiting = Waiting {
+            rx: Some(rx),
+            subscriptions: self,
+            channel,
+        };
+        let answer = waiting.rx.as_mut().expect("set above").await;
+        waiting.rx = None;
+        answer.map_err(|_| BrokerError::Unavailable("node is shutting down".into()))?
     }
 
     /// Drops a reference on `channel`; the last one unsubscribes at the broker.
@@ -71,6 +80,26 @@ enum Done {
     /// one bad channel fails alone).
     Subscribed(u64, Vec<(Arc<str>, Result<(), BrokerError>)>),
     Unsubscribed(Vec<Arc<str>>),
+}
+
+/// An acquire waiting for its answer. Dropped before it was read: the task either has
+/// not answered yet (then its answer fails to arrive, and it gives the reference back
+/// itself) or has answered (then the reference is given back here).
+struct Waiting<'a> {
+    rx: Option<oneshot::Receiver<Result<(), BrokerError>>>,
+    subscriptions: &'a Subscriptions,
+    channel: Arc<str>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Ok(())) = rx.try_recv() {
+                self.subscriptions.release(self.channel.clone());
+            }
+        }
+    }
 }
 
 /// The task: runs until `stop` is cancelled or every handle is dropped.
@@ -158,13 +187,21 @@ pub(crate) async fn run(
                             // connection, and made again below.
                             let result = match result {
                                 Ok(()) if generation != state.generation => {
-                                    touched.push(channel);
+                                    if !state.refs.contains_key(&channel) && state.broker.is_ready() {
+                                        // It may have reached the new connection after all:
+                                        // nobody wants it, so make sure.
+                                        state.in_flight.insert(channel.clone());
+                                        queued_unsubscribe.push(channel.clone());
+                                    } else {
+                                        touched.push(channel);
+                                    }
                                     continue;
                                 }
                                 other => other,
                             };
                             match result {
                                 Ok(()) => {
+                                    retry.remove(&channel);
                                     state.subscribed.insert(channel.clone());
                                     // Subscribed again after a reconnect or a failure: what
                                     // was published meanwhile is read from history.
@@ -175,7 +212,9 @@ pub(crate) async fn run(
                                 }
                                 Err(error) => {
                                     state.answer(&channel, Err(error));
-                                    // Still held by other sockets: retried on the timer.
+                                    // Still held by other sockets: retried on the timer
+                                    // (with backoff), not at once. A new acquire touches
+                                    // it sooner.
                                     if state.refs.contains_key(&channel) {
                                         state.repair_after.insert(channel.clone());
                                         retry.insert(channel.clone());
@@ -185,6 +224,7 @@ pub(crate) async fn run(
                                         state.in_flight.insert(channel.clone());
                                         queued_unsubscribe.push(channel.clone());
                                     }
+                                    continue;
                                 }
                             }
                             touched.push(channel);
@@ -208,7 +248,8 @@ pub(crate) async fn run(
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
                 backoff = (backoff * 2).min(RETRY_MAX);
-                touched.extend(retry.drain());
+                // Kept in `retry` until subscribed: the backoff grows while they fail.
+                touched.extend(retry.iter().cloned());
             }
         }
         let (to_subscribe, to_unsubscribe) = state.plan(touched);
@@ -316,6 +357,7 @@ impl State {
             *n -= 1;
             if *n == 0 {
                 self.refs.remove(channel);
+                self.repair_after.remove(channel);
             }
         }
     }
@@ -352,5 +394,42 @@ impl State {
             }
         }
         (subscribe, unsubscribe)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An acquire dropped after its answer arrived but before it was read gives the
+    /// reference back (else the channel stays subscribed with nobody on it).
+    #[tokio::test]
+    async fn an_acquire_dropped_after_its_answer_gives_the_reference_back() {
+        let (subscriptions, mut rx) = Subscriptions::channel();
+        let channel: Arc<str> = Arc::from("user:1");
+        let mut acquire = Box::pin(subscriptions.acquire(channel.clone()));
+        // Sent, not answered yet.
+        assert!(futures_util::poll!(acquire.as_mut()).is_pending());
+        let Some(Command::Acquire(c, reply)) = rx.recv().await else {
+            panic!("no acquire sent");
+        };
+        assert_eq!(c, channel);
+        reply.send(Ok(())).unwrap();
+        // The connection closes before the answer is read.
+        drop(acquire);
+        match rx.try_recv() {
+            Ok(Command::Release(c)) => assert_eq!(c, channel),
+            _ => panic!("the reference was not given back"),
+        }
+        // Dropped before any answer: the answer cannot be sent (the task then gives
+        // the reference back itself), and nothing is released here.
+        let mut acquire = Box::pin(subscriptions.acquire(channel.clone()));
+        assert!(futures_util::poll!(acquire.as_mut()).is_pending());
+        let Some(Command::Acquire(_, reply)) = rx.recv().await else {
+            panic!("no acquire sent");
+        };
+        drop(acquire);
+        assert!(reply.send(Ok(())).is_err());
+        assert!(rx.try_recv().is_err());
     }
 }

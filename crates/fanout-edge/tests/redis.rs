@@ -228,6 +228,11 @@ async fn a_channel_redis_refuses_fails_alone_and_is_retried_until_allowed() {
         "broker details leak: {r}"
     );
     assert_eq!(redis.numsub("chat:held").unwrap(), 0);
+    // The refused channel is retried with backoff, not in a tight loop.
+    let errors = metric(&node, "fanout_broker_errors_total{op=\"subscribe\"").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let more = metric(&node, "fanout_broker_errors_total{op=\"subscribe\"").await - errors;
+    assert!(more <= 6.0, "{more} refused subscribes in 2 s");
 
     // Allowed again: the retry brings chat:held back without the client doing anything.
     redis

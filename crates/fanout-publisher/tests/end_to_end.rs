@@ -2,46 +2,16 @@
 //! `user:42` on node A and node B both receive what the crate, the `fanout-publish` CLI,
 //! the `/api/publish` endpoint and a raw JSON `PUBLISH` send.
 
+mod common;
+
+use common::{token, ADMIN};
+
 use std::time::Duration;
 
-use clap::Parser;
-use fanout_edge::{Args, Node, Settings};
+use fanout_edge::Node;
 use fanout_publisher::{JobStatus, Publisher};
 use fanout_testkit::{RedisServer, WsClient};
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, Value};
-
-const SECRET: &str = "end-to-end-secret-0123456789abcdef";
-const ADMIN: &str = "end-to-end-admin-0123456789abcdef";
-
-async fn node(redis: &str, id: &str) -> Node {
-    let args = [
-        "fanout-edge",
-        "--listen",
-        "127.0.0.1:0",
-        "--redis-url",
-        redis,
-        "--jwt-secret",
-        SECRET,
-        "--admin-token",
-        ADMIN,
-        "--node-id",
-        id,
-    ];
-    Node::start(Settings::from_args(Args::try_parse_from(args).unwrap()).unwrap())
-        .await
-        .unwrap()
-}
-
-fn token(user: &str, channels: &[&str]) -> String {
-    let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    encode(
-        &Header::default(),
-        &json!({"sub": user, "exp": exp, "channels": channels}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
 
 async fn client(node: &Node, token: &str, channel: &str) -> WsClient {
     let mut c = WsClient::connect(&format!("{}?token={token}", node.ws_url()))
@@ -65,8 +35,8 @@ async fn both_receive(a: &mut WsClient, b: &mut WsClient, data: Value) -> (Value
 #[tokio::test]
 async fn every_publisher_reaches_clients_on_every_node() {
     let redis = RedisServer::start().unwrap();
-    let node_a = node(&redis.url(), "node-a").await;
-    let node_b = node(&redis.url(), "node-b").await;
+    let node_a = common::edge(&redis.url(), "node-a").await;
+    let node_b = common::edge(&redis.url(), "node-b").await;
     let t = token("42", &[]);
     let mut a = client(&node_a, &t, "user:42").await;
     let mut b = client(&node_b, &t, "user:42").await;
@@ -174,7 +144,7 @@ async fn every_publisher_reaches_clients_on_every_node() {
 #[tokio::test]
 async fn job_helpers_and_the_background_handle() {
     let mut redis = RedisServer::start().unwrap();
-    let edge = node(&redis.url(), "node-j").await;
+    let edge = common::edge(&redis.url(), "node-j").await;
     let mut watcher = client(&edge, &token("1", &["job_progress:*"]), "job_progress:77").await;
     let publisher = Publisher::connect(&redis.url()).await.unwrap();
     publisher

@@ -4,46 +4,20 @@
 //! the `fanout-publish` CLI, run once per message, gets every message through a
 //! `CLUSTER FAILOVER` and a slot migration exactly once and in order to an edge client.
 
+mod common;
+
+use common::ADMIN;
+
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use fanout_edge::{Args, Node, Settings};
+use fanout_edge::Node;
 use fanout_protocol::layout;
 use fanout_publisher::{DedupPolicy, Publisher, RetryPolicy};
 use fanout_testkit::{RedisCluster, RedisServer, WsClient};
-use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::{json, value::RawValue, Value};
 
-const SECRET: &str = "exactly-once-secret-0123456789abcdef";
-const ADMIN: &str = "exactly-once-admin-0123456789abcdef";
-
-async fn edge(redis: &str, id: &str) -> Node {
-    let args = [
-        "fanout-edge",
-        "--listen",
-        "127.0.0.1:0",
-        "--redis-url",
-        redis,
-        "--jwt-secret",
-        SECRET,
-        "--admin-token",
-        ADMIN,
-        "--node-id",
-        id,
-    ];
-    Node::start(Settings::from_args(Args::try_parse_from(args).unwrap()).unwrap())
-        .await
-        .unwrap()
-}
-
 async fn subscriber(node: &Node, user: &str) -> WsClient {
-    let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    let token = encode(
-        &Header::default(),
-        &json!({"sub": user, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = common::token(user, &[]);
     let mut c = WsClient::connect(&format!("{}?token={token}", node.ws_url()))
         .await
         .unwrap();
@@ -327,7 +301,7 @@ async fn start_cluster() -> std::sync::Arc<RedisCluster> {
 async fn the_cli_publishes_through_a_cluster_failover_exactly_once() {
     let cluster = start_cluster().await;
     let url = cluster.url();
-    let node = edge(&url, "e1").await;
+    let node = common::edge(&url, "e1").await;
     let mut client = subscriber(&node, "31").await;
     let channel = "user:31";
     let slot = cluster.keyslot(channel).unwrap();
@@ -361,7 +335,7 @@ async fn the_cli_publishes_through_a_cluster_failover_exactly_once() {
 async fn publishers_go_through_a_slot_migration_exactly_once() {
     let cluster = start_cluster().await;
     let url = cluster.url();
-    let node = edge(&url, "e1").await;
+    let node = common::edge(&url, "e1").await;
     // The CLI publishes on one channel, the edge (`/api/publish`, a long-lived client)
     // on another of the same slot, both while that slot migrates to another shard.
     let cli_channel = "user:32";
@@ -473,7 +447,7 @@ fn keyslot(key: &str) -> u16 {
 #[tokio::test]
 async fn the_publish_api_takes_an_idempotency_key() {
     let redis = RedisServer::start().unwrap();
-    let node = edge(&redis.url(), "api").await;
+    let node = common::edge(&redis.url(), "api").await;
     let addr = node.local_addr();
     let post = |body: Value, header: Option<&'static str>| async move {
         let body = body.to_string();

@@ -405,13 +405,18 @@ impl Broker for RedisBroker {
             // fred matches only the first of several confirmations to the command. fred
             // waits for each SSUBSCRIBE's own reply (following MOVED), so a success here
             // is Redis' confirmation and an error is its refusal.
-            for channel in channels {
+            // At once, not one after another: a shard that does not answer delays only
+            // the batch's answer, not its other channels' commands.
+            let each = channels.iter().map(|channel| async move {
                 self.subscriber
                     .ssubscribe(&**channel)
                     .await
-                    .map_err(|e| unavailable(format!("SSUBSCRIBE {channel}: {e}")))?;
-            }
-            return Ok(());
+                    .map_err(|e| unavailable(format!("SSUBSCRIBE {channel}: {e}")))
+            });
+            return futures_util::future::join_all(each)
+                .await
+                .into_iter()
+                .collect();
         }
         // fred resolves SUBSCRIBE as soon as it is written; Redis' refusal (e.g.
         // NOPERM) arrives out of band and fred hands it to whatever command is waiting.
@@ -437,13 +442,15 @@ impl Broker for RedisBroker {
 
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
         if self.sharded {
-            for channel in channels {
-                self.subscriber
-                    .sunsubscribe(&**channel)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            return Ok(());
+            // Every channel is tried (a failure of one leaves the others unsubscribed).
+            let each = channels
+                .iter()
+                .map(|channel| async move { self.subscriber.sunsubscribe(&**channel).await });
+            return futures_util::future::join_all(each)
+                .await
+                .into_iter()
+                .find_map(Result::err)
+                .map_or(Ok(()), |e| Err(unavailable(e)));
         }
         let _in_order = self.in_order.lock().await;
         let keys: Vec<&str> = channels.iter().map(|c| &**c).collect();
