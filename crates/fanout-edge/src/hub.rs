@@ -5,102 +5,17 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use fanout_protocol::{CloseCode, Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
-use futures_util::task::AtomicWaker;
+use fanout_protocol::{Codec, Envelope, FrameId, ServerFrame, Since, SubscribedInfo};
 
-use crate::broker::HistoryRead;
+use crate::history::HistoryRead;
 use crate::metrics as m;
 use crate::outbox::Frame;
 pub use crate::outbox::Outbox;
 
 pub type SessionId = u64;
-
-/// How a connection is told to close, from anywhere (hub, admin API, drain, its own
-/// reader). The first close asked for wins.
-///
-/// Not a `CancellationToken`: a child token allocates a tree node per connection, and
-/// its wait future is nine words, which both of a connection's tasks would carry. The
-/// node reaches every connection through its session registry instead.
-#[derive(Default)]
-pub struct Control {
-    close: OnceLock<(u16, String)>,
-    cancelled: AtomicBool,
-    /// The connection's reader and writer, each waiting for the cancel.
-    reader: AtomicWaker,
-    writer: AtomicWaker,
-}
-
-/// Which of a connection's two tasks waits.
-#[derive(Debug, Clone, Copy)]
-pub enum Side {
-    Reader,
-    Writer,
-}
-
-impl Control {
-    pub fn new() -> Control {
-        Control::default()
-    }
-
-    fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Release);
-        self.reader.wake();
-        self.writer.wake();
-    }
-
-    /// Closes the connection with a close frame carrying `code`.
-    pub fn close(&self, code: CloseCode) {
-        self.close_raw(code.code(), code.reason().to_string());
-    }
-
-    /// Closes with any code and reason (used to echo a client's close frame).
-    pub fn close_raw(&self, code: u16, reason: String) {
-        if self.close.set((code, reason)).is_ok() {
-            self.cancel();
-        }
-    }
-
-    /// Ends the connection without a close frame (the peer is gone).
-    pub fn abort(&self) {
-        self.cancel();
-    }
-
-    /// The close code asked for, if any.
-    pub fn code(&self) -> Option<CloseCode> {
-        self.close.get().and_then(|(c, _)| CloseCode::from_u16(*c))
-    }
-
-    /// The close frame to send, if any.
-    pub fn close_frame(&self) -> Option<&(u16, String)> {
-        self.close.get()
-    }
-
-    /// Resolves once the connection is closed or aborted. One waiter per side.
-    pub fn cancelled(&self, side: Side) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.is_cancelled() {
-                return std::task::Poll::Ready(());
-            }
-            match side {
-                Side::Reader => self.reader.register(cx.waker()),
-                Side::Writer => self.writer.register(cx.waker()),
-            }
-            // A cancel between the check and the registration is seen here.
-            if self.is_cancelled() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire)
-    }
-}
 
 /// A local subscriber of a channel.
 #[derive(Clone)]
@@ -1074,7 +989,9 @@ fn fitting_suffix(outbox: &Outbox, entries: &[Arc<Envelope>]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::Control;
     use crate::outbox::Inbox;
+    use fanout_protocol::CloseCode;
 
     fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, Inbox) {
         let control = Arc::new(Control::new());

@@ -4,7 +4,7 @@
 //! clients with JWT, subscribes to the broker (Redis via `fred`, or the embedded
 //! in-memory broker) once per channel, and fans each message out to local sockets.
 //!
-//! The data path, top to bottom: broker message → [`broker::BrokerSink`] decodes it once
+//! The data path, top to bottom: broker message → the node's broker sink decodes it once
 //! → [`hub::Hub`] finds the local subscribers → the frame, encoded once per codec, goes
 //! into each session's bounded [`hub::Outbox`] → the session's writer batches it onto
 //! the socket.
@@ -25,6 +25,8 @@ mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
+pub mod history;
 mod http;
 pub mod hub;
 pub mod metrics;
@@ -34,6 +36,7 @@ pub mod presence;
 pub mod recovery;
 pub mod rules;
 mod session;
+mod sink;
 pub mod subscriptions;
 mod wire;
 

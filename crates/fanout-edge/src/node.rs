@@ -17,11 +17,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, BrokerError, BrokerSink};
+use crate::broker::{Broker, BrokerError, SharedSink};
 use crate::config::{BrokerSettings, Settings};
-use crate::hub::{Control, Hub, SessionId};
+use crate::control::Control;
+use crate::hub::{Hub, SessionId};
 use crate::metrics as m;
 use crate::recovery::{self, Repairs};
+use crate::sink::BrokerSink;
 use crate::subscriptions::{self, Subscriptions};
 
 #[derive(Debug, Error)]
@@ -419,12 +421,12 @@ impl Node {
         let (subscriptions, commands) = Subscriptions::channel();
         let (repairs, repair_requests) = Repairs::channel();
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
-        let sink = BrokerSink::new(
+        let sink: SharedSink = Arc::new(BrokerSink::new(
             hub.clone(),
             subscriptions.clone(),
             repairs.clone(),
             control_tx,
-        );
+        ));
         let broker: Arc<dyn Broker> = match &settings.broker {
             BrokerSettings::Memory => Arc::new(MemoryBroker::new(sink)),
             BrokerSettings::Redis { url, probe } => {
@@ -433,10 +435,11 @@ impl Node {
         };
         let tracker = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
+        let repair = repairs.clone();
         tracker.spawn(subscriptions::run(
             broker.clone(),
             commands,
-            repairs,
+            move |channel: &str| repair.request(channel),
             shutdown.clone(),
         ));
         tracker.spawn(recovery::run(

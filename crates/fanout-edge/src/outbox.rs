@@ -20,7 +20,7 @@ use fanout_protocol::CloseCode;
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 
-use crate::hub::Control;
+use crate::control::Control;
 use crate::metrics as m;
 
 /// Bytes queued on every connection of this process.

@@ -22,7 +22,8 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::auth::{AuthError, Principal};
 use crate::broker::{BrokerError, HistoryQuery, MAX_HISTORY_READ};
-use crate::hub::{Control, Join, Joined, SessionId, Side, Subscriber};
+use crate::control::{Control, Side};
+use crate::hub::{Join, Joined, SessionId, Subscriber};
 use crate::metrics as m;
 use crate::node::{Admission, Refusal, Shared};
 use crate::outbox::{Inbox, Kind, Outbox, Outgoing};
@@ -1281,7 +1282,8 @@ mod tests {
 
     #[test]
     fn a_panic_during_a_subscribe_leaves_no_join_and_no_broker_reference() {
-        use crate::hub::{Control, Hub, Subscriber};
+        use crate::control::Control;
+        use crate::hub::{Hub, Subscriber};
         use crate::outbox::{Outbox, QueueLimits};
         use crate::subscriptions::{Command, Subscriptions};
         let hub = Hub::new(4);

@@ -12,7 +12,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::broker::{Broker, BrokerError};
 use crate::metrics as m;
-use crate::recovery::Repairs;
 
 /// Largest number of channels in one SUBSCRIBE / UNSUBSCRIBE.
 const BATCH: usize = 512;
@@ -112,7 +111,9 @@ impl Drop for Waiting<'_> {
 pub(crate) async fn run(
     broker: Arc<dyn Broker>,
     mut rx: mpsc::UnboundedReceiver<Command>,
-    repairs: Repairs,
+    // Asks for a channel to be checked against its history (the repair worker's
+    // request; a function, so that this module does not depend on the worker's).
+    repair: impl Fn(&str) + Send + 'static,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut state = State {
@@ -206,7 +207,7 @@ pub(crate) async fn run(
                                     // Subscribed again after a reconnect or a failure: what
                                     // was published meanwhile is read from history.
                                     if state.repair_after.remove(&channel) {
-                                        repairs.request(&channel);
+                                        repair(&channel);
                                     }
                                     state.answer(&channel, Ok(()));
                                 }

@@ -13,10 +13,10 @@ use fanout_protocol::Envelope;
 use fanout_publisher::{HistoryPolicy, PublishAck};
 use serde_json::value::RawValue;
 
-use super::{Broker, BrokerError, BrokerSink, HistoryQuery, HistoryRead, MAX_HISTORY_READ};
+use super::{Broker, BrokerError, HistoryQuery, HistoryRead, SharedSink, MAX_HISTORY_READ};
 
 pub struct MemoryBroker {
-    sink: BrokerSink,
+    sink: SharedSink,
     state: Mutex<State>,
 }
 
@@ -73,7 +73,7 @@ impl State {
 }
 
 impl MemoryBroker {
-    pub fn new(sink: BrokerSink) -> MemoryBroker {
+    pub fn new(sink: SharedSink) -> MemoryBroker {
         MemoryBroker {
             sink,
             state: Mutex::new(State::default()),

@@ -1,7 +1,8 @@
 //! The broker carries messages between nodes. [`Broker`] is the interface the node
 //! uses; [`memory::MemoryBroker`] serves a single node with no Redis, and
-//! [`redis::RedisBroker`] is the real thing. Incoming messages go to a [`BrokerSink`],
-//! which decodes each payload once and hands it to the hub.
+//! [`redis::RedisBroker`] is the real thing. Incoming messages go to a [`Sink`] (the
+//! node's, which decodes each payload once and hands it to the hub); the broker knows
+//! nothing of what is behind it.
 
 pub mod memory;
 pub mod redis;
@@ -9,14 +10,11 @@ pub mod redis;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fanout_protocol::Envelope;
 use fanout_publisher::{HistoryPolicy, PublishAck};
 use serde_json::value::RawValue;
 use thiserror::Error;
 
-use crate::hub::Hub;
-use crate::metrics as m;
-use crate::subscriptions::Subscriptions;
+pub use crate::history::{HistoryQuery, HistoryRead, MAX_HISTORY_READ};
 
 #[derive(Debug, Clone, Error)]
 pub enum BrokerError {
@@ -28,32 +26,9 @@ pub enum BrokerError {
     Invalid(String),
 }
 
-/// What to read from a channel's history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HistoryQuery {
-    /// Every kept message with an offset greater than this.
-    After(u64),
-    /// The newest `n` messages (0: only the position).
-    Last(u32),
-}
-
-/// A channel's position and the history asked for, read atomically.
-#[derive(Debug, Clone, Default)]
-pub struct HistoryRead {
-    /// `None` when the channel has no history (never published with offsets, or expired).
-    pub epoch: Option<String>,
-    /// The last offset given out (0 when none).
-    pub top: u64,
-    /// Oldest first.
-    pub entries: Vec<Arc<Envelope>>,
-}
-
 /// The channel every node subscribes to for cluster-wide operations. `#` cannot occur
 /// in a client channel name, so no client can subscribe or publish to it.
 pub const CONTROL_CHANNEL: &str = "fanout#control";
-
-/// The most history entries one read returns.
-pub const MAX_HISTORY_READ: u32 = 10_000;
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -153,69 +128,15 @@ pub trait Broker: Send + Sync + 'static {
 }
 
 /// Where a broker puts what arrives.
-#[derive(Clone)]
-pub struct BrokerSink {
-    hub: Arc<Hub>,
-    subscriptions: Subscriptions,
-    repairs: crate::recovery::Repairs,
-    control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-}
-
-impl BrokerSink {
-    pub(crate) fn new(
-        hub: Arc<Hub>,
-        subscriptions: Subscriptions,
-        repairs: crate::recovery::Repairs,
-        control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-    ) -> BrokerSink {
-        BrokerSink {
-            hub,
-            subscriptions,
-            repairs,
-            control,
-        }
-    }
-
-    /// One message from the broker: decoded once, dispatched to local subscribers. A
-    /// bug on this path is contained to this one message (logged and counted), so it
-    /// can never stop delivery for the whole node.
-    pub fn deliver(&self, channel: &str, payload: &[u8]) {
-        if channel == CONTROL_CHANNEL {
-            let _ = self.control.send(payload.to_vec());
-            return;
-        }
-        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.deliver_inner(channel, payload)
-        }));
-        if delivered.is_err() {
-            metrics::counter!(m::INTERNAL_ERRORS_TOTAL, "place" => "deliver").increment(1);
-            tracing::error!(%channel, bytes = payload.len(), "bug: delivering a message panicked; this message was not delivered by this node");
-        }
-    }
-
-    fn deliver_inner(&self, channel: &str, payload: &[u8]) {
-        let now = fanout_protocol::now_ms();
-        let envelope = Envelope::decode(payload, now);
-        metrics::counter!(m::BROKER_MESSAGES_TOTAL).increment(1);
-        metrics::histogram!(m::PUBSUB_LAG_SECONDS)
-            .record(now.saturating_sub(envelope.ts) as f64 / 1000.0);
-        let d = self.hub.deliver(channel, Arc::new(envelope));
-        crate::recovery::account(&self.subscriptions, channel, &d);
-        if d.repair {
-            self.repairs.request(channel);
-        }
-    }
-
+pub trait Sink: Send + Sync + 'static {
+    /// One message from the broker, as it came.
+    // hot path: one call per broker message.
+    fn deliver(&self, channel: &str, payload: &[u8]);
     /// The broker connection came back: every channel must be subscribed again.
-    pub fn reconnected(&self) {
-        self.subscriptions.resubscribe();
-    }
-
-    /// Messages were skipped between the broker connection and this node: every
-    /// channel with a position is checked against its history.
-    pub fn lagged(&self) {
-        for channel in self.hub.positioned_channels() {
-            self.repairs.request(&channel);
-        }
-    }
+    fn reconnected(&self);
+    /// Messages were skipped between the broker connection and this node.
+    fn lagged(&self);
 }
+
+/// A shared [`Sink`], as brokers hold it.
+pub type SharedSink = Arc<dyn Sink>;

@@ -21,7 +21,7 @@ use fred::prelude::*;
 use serde_json::value::RawValue;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{Broker, BrokerError, BrokerSink, HistoryQuery, HistoryRead, MAX_HISTORY_READ};
+use super::{Broker, BrokerError, HistoryQuery, HistoryRead, SharedSink, MAX_HISTORY_READ};
 use crate::metrics as m;
 use fanout_protocol::{layout, Envelope};
 
@@ -172,7 +172,7 @@ fn slot_map(client: &Client) -> Vec<(u16, u16, String)> {
 /// again — at its new owner — and checked against its history. Redis unsubscribes a
 /// shard's clients itself when its slots move (`sunsubscribe`, which fred does not
 /// surface), so this is what keeps a failover from leaving channels deaf.
-async fn watch_topology(subscriber: Client, sink: BrokerSink) {
+async fn watch_topology(subscriber: Client, sink: SharedSink) {
     let mut known = slot_map(&subscriber);
     let mut tick = tokio::time::interval(TOPOLOGY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -244,7 +244,7 @@ impl RedisBroker {
     pub async fn connect(
         url: &str,
         probe: Duration,
-        sink: BrokerSink,
+        sink: SharedSink,
     ) -> Result<RedisBroker, BrokerError> {
         let subscriber = builder(url, SUBSCRIBER_BUFFER)?
             .build()
