@@ -41,11 +41,11 @@ fi
 # system service is needed (and 6379 is never used).
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --all-features --no-fail-fast "$@"
   # nextest does not run doctests.
   cargo test --workspace --doc
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --all-features --no-fail-fast "$@"
 fi
 
 # The edge's pointer `unsafe` (the tagged queue slot in outbox.rs) under a memory checker:

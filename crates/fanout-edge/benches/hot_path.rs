@@ -1,6 +1,6 @@
 //! The edge's hot path: a Redis message fanned out by the hub to N local subscribers
 //! (one encoding per codec, shared bytes, one push per subscriber), and the JWT check
-//! every connection pays. `cargo bench -p fanout-edge`.
+//! every connection pays. `cargo bench -p fanout-edge --features internals`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanout_edge::auth::Auth;
-use fanout_edge::broker::HistoryRead;
-use fanout_edge::control::Control;
-use fanout_edge::hub::{Hub, Join, Joined, Subscriber};
-use fanout_edge::outbox::{Inbox, Outbox, QueueLimits};
+use fanout_edge::internals::{
+    Control, HistoryRead, Hub, Inbox, Join, Joined, Outbox, QueueLimits, Subscriber,
+};
 use fanout_protocol::{Codec, Envelope};
 use jsonwebtoken::{encode, EncodingKey, Header};
 

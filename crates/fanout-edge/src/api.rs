@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use fanout_protocol::ErrorCode;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
@@ -13,9 +12,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::broker::BrokerError;
-use crate::http::{bearer, json, Body};
 use crate::metrics as m;
-use crate::node::Shared;
+use crate::respond::{bearer, json, query_param, read_json, Body};
+use crate::shared::{ControlMessage, Shared};
 
 struct ApiError {
     code: ErrorCode,
@@ -125,33 +124,14 @@ async fn body<T: for<'de> Deserialize<'de>>(
     req: Request<Incoming>,
     shared: &Shared,
 ) -> Result<T, ApiError> {
-    let limit = shared.settings.limits.max_api_body;
-    // A deadline for the whole body: a client trickling it a byte at a time must not
-    // hold a request (and its connection) open for ever.
-    let within = std::time::Duration::from_secs(shared.settings.limits.api_body_timeout_secs);
-    let collected = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect())
+    let limits = &shared.settings.limits;
+    let within = std::time::Duration::from_secs(limits.api_body_timeout_secs);
+    read_json(req, limits.max_api_body, within)
         .await
-        .map_err(|_| ApiError {
-            status: Some(StatusCode::REQUEST_TIMEOUT),
-            ..ApiError::new(
-                ErrorCode::BadRequest,
-                format!("request body not received within {} s", within.as_secs()),
-            )
-        })?;
-    let bytes = collected
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::new(
-                    ErrorCode::TooLarge,
-                    format!("request body over {limit} bytes"),
-                )
-            } else {
-                ApiError::new(ErrorCode::BadRequest, format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
+        .map_err(|(status, code, message)| ApiError {
+            status: Some(status),
+            ..ApiError::new(code, message)
+        })
 }
 
 #[derive(Deserialize)]
@@ -346,7 +326,7 @@ async fn disconnect(
     // This node at once; every other node through the control channel.
     let n = shared.disconnect_user(&b.user);
     tracing::info!(user = %b.user, reason = b.reason.as_deref().unwrap_or(""), connections = n, "admin disconnect");
-    let message = crate::node::ControlMessage::Disconnect {
+    let message = ControlMessage::Disconnect {
         from: shared.instance.clone(),
         user: b.user.clone(),
         reason: b.reason.clone(),
@@ -369,7 +349,7 @@ async fn disconnect(
 /// This node's figures (also what it reports to the cluster view).
 /// `GET /api/presence?channel=…` → `{channel, clients:[{client, user, node}…]}`.
 async fn presence(req: &Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
-    let name = crate::http::query_param(req.uri().query(), "channel")
+    let name = query_param(req.uri().query(), "channel")
         .ok_or_else(|| ApiError::new(ErrorCode::BadRequest, "`channel` query parameter missing"))?;
     let channel = shared
         .settings
@@ -389,24 +369,8 @@ async fn presence(req: &Request<Incoming>, shared: &Shared) -> Result<serde_json
     Ok(serde_json::json!({"channel": name, "clients": clients}))
 }
 
-pub(crate) fn node_stats(shared: &Shared) -> serde_json::Value {
-    serde_json::json!({
-        "id": shared.settings.node_id,
-        "broker": shared.broker.kind(),
-        "broker_ready": shared.broker.is_ready(),
-        "draining": shared.is_draining(),
-        "uptime_seconds": shared.started.elapsed().as_secs(),
-        "connections": shared.connections(),
-        "users": shared.users(),
-        "channels": shared.hub.channels(),
-        "subscriptions": shared.hub.subscriptions(),
-        "outbound_queue_bytes": crate::outbox::queued_bytes(),
-        "presence_entries": shared.presence.local_len(),
-    })
-}
-
 async fn stats(shared: &Shared) -> serde_json::Value {
-    let node = node_stats(shared);
+    let node = shared.stats();
     let cluster = match shared.broker.reports().await {
         Ok(reports) => {
             let mut nodes: Vec<serde_json::Value> = reports

@@ -25,6 +25,11 @@ pub enum AuthConfigError {
     Jwks(String),
 }
 
+/// Clock skew allowed between the token issuer and the node, for `exp` and `nbf`. A
+/// session ends this long after its token's `exp` too: a token the node accepts is
+/// never one it closes at once.
+pub(crate) const LEEWAY_SECS: u64 = 5;
+
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AuthError {
@@ -232,7 +237,7 @@ impl Auth {
         let key = self.key_for(&header)?;
         let mut validation = Validation::new(key.alg);
         // The same small leeway for `exp` and `nbf` (clock skew between issuer and node).
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
         // A configured audience or issuer is required, not only checked when present:
         // otherwise a token that simply leaves it out would pass.

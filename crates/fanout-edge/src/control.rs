@@ -59,6 +59,7 @@ impl Control {
     }
 
     /// The close code asked for, if any.
+    #[cfg(test)]
     pub fn code(&self) -> Option<CloseCode> {
         self.close.get().and_then(|(c, _)| CloseCode::from_u16(*c))
     }
@@ -70,21 +71,28 @@ impl Control {
 
     /// Resolves once the connection is closed or aborted. One waiter per side.
     pub fn cancelled(&self, side: Side) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.is_cancelled() {
-                return std::task::Poll::Ready(());
-            }
-            match side {
-                Side::Reader => self.reader.register(cx.waker()),
-                Side::Writer => self.writer.register(cx.waker()),
-            }
-            // A cancel between the check and the registration is seen here.
-            if self.is_cancelled() {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_cancelled(side, cx))
+    }
+
+    /// [`Control::cancelled`], polled by hand (a stream body has no future to hold).
+    pub fn poll_cancelled(
+        &self,
+        side: Side,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.is_cancelled() {
+            return std::task::Poll::Ready(());
+        }
+        match side {
+            Side::Reader => self.reader.register(cx.waker()),
+            Side::Writer => self.writer.register(cx.waker()),
+        }
+        // A cancel between the check and the registration is seen here.
+        if self.is_cancelled() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     pub fn is_cancelled(&self) -> bool {

@@ -1,6 +1,7 @@
-//! The one HTTP port (contract §4): `/ws` upgrades, `/healthz`, `/readyz`, `/metrics`
-//! and the server API under `/api/`. This module decides whether an upgrade may happen
-//! (Origin, capacity, subprotocol, token location) and hands the socket to a session.
+//! The one HTTP port: routes `/ws` (WebSocket), `/sse` (Server-Sent Events),
+//! `/client/*` (client commands over plain HTTP), `/api/*` (the server API),
+//! `/healthz`, `/readyz` and `/metrics`, and runs the accept loop. What happens behind
+//! each route lives in its own module; this one only dispatches.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -8,21 +9,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fanout_protocol::{CloseCode, Codec};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, ORIGIN, SEC_WEBSOCKET_PROTOCOL};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::node::{Refusal, Shared};
-use crate::session::{self, Handshake};
+use crate::respond::{json, Body};
+use crate::shared::Shared;
+use crate::transport::sse::SseBody;
 
-pub(crate) type Body = Full<Bytes>;
+/// A response: built in full, or an event stream.
+pub(crate) type Reply = Either<Body, SseBody>;
+
+/// What a request handler may need of its HTTP connection.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub peer: IpAddr,
+    pub tracker: TaskTracker,
+    /// Cancelled: the connection is dropped at once, whatever it is doing (a stream
+    /// whose reader stopped reading cannot be ended by a last write).
+    pub kill: CancellationToken,
+}
 
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
     loop {
@@ -39,47 +52,62 @@ pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, trac
         let shared = shared.clone();
         let conn_tracker = tracker.clone();
         tracker.spawn(async move {
+            let kill = CancellationToken::new();
+            let conn = Conn {
+                peer: peer.ip(),
+                tracker: conn_tracker,
+                kill: kill.clone(),
+            };
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                let tracker = conn_tracker.clone();
-                async move { Ok::<_, Infallible>(route(req, shared, tracker, peer.ip()).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(route(req, shared, conn).await) }
             });
-            if let Err(error) = http1::Builder::new()
+            let serve = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!(%peer, %error, "http connection ended with an error");
+                .with_upgrades();
+            tokio::select! {
+                r = serve => if let Err(error) = r {
+                    tracing::debug!(%peer, %error, "http connection ended with an error");
+                },
+                _ = kill.cancelled() => tracing::debug!(%peer, "http connection dropped"),
             }
         });
     }
 }
 
-async fn route(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-    peer: IpAddr,
-) -> Response<Body> {
+async fn route(req: Request<Incoming>, shared: Arc<Shared>, conn: Conn) -> Response<Reply> {
+    let full = |r: Response<Body>| r.map(Either::Left);
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(req, shared, tracker, peer),
-        (&Method::GET, "/healthz") => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (&Method::GET, "/readyz") => readyz(&shared),
+        (&Method::GET, "/ws") => full(crate::transport::ws::upgrade(
+            req,
+            shared,
+            conn.tracker,
+            conn.peer,
+        )),
+        (&Method::GET, "/sse") => crate::transport::sse::stream(req, shared, conn),
+        (&Method::GET, "/healthz") => {
+            full(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        (&Method::GET, "/readyz") => full(readyz(&shared)),
         (&Method::GET, "/metrics") => {
             let mut r = Response::new(Full::new(Bytes::from(shared.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
-            r
+            full(r)
         }
-        (_, path) if path.starts_with("/api/") => crate::api::handle(req, shared).await,
-        _ => json(
+        (_, path) if path.starts_with("/client/") => {
+            full(crate::client_api::handle(req, shared).await)
+        }
+        (_, path) if path.starts_with("/api/") => full(crate::api::handle(req, shared).await),
+        _ => full(json(
             StatusCode::NOT_FOUND,
             &serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}}),
-        ),
+        )),
     }
 }
 
@@ -98,179 +126,4 @@ fn readyz(shared: &Shared) -> Response<Body> {
         }
     };
     json(status, &body)
-}
-
-pub(crate) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-fn upgrade(
-    mut req: Request<Incoming>,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-    peer: IpAddr,
-) -> Response<Body> {
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return json(
-            StatusCode::UPGRADE_REQUIRED,
-            &serde_json::json!({"error": {"code": "bad_request", "message": "a WebSocket upgrade is required"}}),
-        );
-    }
-    let offered = req
-        .headers()
-        .get(SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let Some(codec) = Codec::negotiate(offered.as_deref()) else {
-        return json(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({"error": {"code": "bad_request", "message": "supported subprotocols: fanout.json, fanout.msgpack"}}),
-        );
-    };
-    // Refusals are sent as close frames after the upgrade: a browser sees a close
-    // code, never the status of a refused handshake.
-    let mut refuse = None;
-    if let Some(allowed) = &shared.settings.allowed_origins {
-        let origin = req
-            .headers()
-            .get(ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .map(|o| o.trim_end_matches('/').to_ascii_lowercase());
-        // Browsers always send Origin; a client without one is not a browser page.
-        if let Some(origin) = origin {
-            if !allowed.contains(&origin) {
-                tracing::info!(%origin, "origin not allowed");
-                metrics::counter!(crate::metrics::CONNECTIONS_REFUSED_TOTAL, "limit" => "origin")
-                    .increment(1);
-                refuse = Some(Refusal {
-                    code: CloseCode::Policy,
-                    reason: "origin not allowed",
-                });
-            }
-        }
-    }
-    if shared.is_draining() {
-        refuse = Some(Refusal {
-            code: CloseCode::GoingAway,
-            reason: "the node is draining; reconnect",
-        });
-    }
-    // A token in the handshake is verified now: a valid one takes a connection slot at
-    // once, and only sockets that still have to authenticate count as pending.
-    let auth = bearer(req.headers().get(AUTHORIZATION))
-        .or_else(|| query_token(req.uri().query()))
-        .map(|t| shared.settings.auth.verify_connection(&t));
-    let user = match &auth {
-        Some(Ok(p)) if refuse.is_none() => Some(&p.user),
-        _ => None,
-    };
-    let admission = match shared.admit(peer, user) {
-        Ok(a) => Some(a),
-        Err(r) => {
-            refuse = refuse.or(Some(r));
-            None
-        }
-    };
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(r) => r,
-        Err(error) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": {"code": "bad_request", "message": error.to_string()}}),
-            )
-        }
-    };
-    let handshake = Box::new(Handshake {
-        codec,
-        auth,
-        refuse,
-        admission,
-    });
-    tracker.spawn(session::run(shared, fut, handshake));
-    let (mut parts, _) = response.into_parts();
-    if offered.is_some() {
-        parts.headers.insert(
-            SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(codec.protocol()),
-        );
-    }
-    Response::from_parts(parts, Full::new(Bytes::new()))
-}
-
-pub(crate) fn bearer(value: Option<&HeaderValue>) -> Option<String> {
-    let v = value?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-fn query_token(query: Option<&str>) -> Option<String> {
-    query_param(query, "token")
-}
-
-/// The percent-decoded value of `name` in a query string (`None` if absent or empty).
-pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| percent_decode(v))
-        .filter(|t| !t.is_empty())
-}
-
-fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%' && i + 2 < bytes.len())
-            .then(|| Some(hex(bytes[i + 1])? * 16 + hex(bytes[i + 2])?))
-            .flatten();
-        match (decoded, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_tokens() {
-        assert_eq!(
-            query_token(Some("a=1&token=abc.def")),
-            Some("abc.def".into())
-        );
-        assert_eq!(query_token(Some("token=a%2Eb")), Some("a.b".into()));
-        assert_eq!(query_token(Some("token=")), None);
-        assert_eq!(query_token(None), None);
-        let h = HeaderValue::from_static("Bearer xyz");
-        assert_eq!(bearer(Some(&h)), Some("xyz".into()));
-        let h = HeaderValue::from_static("Basic xyz");
-        assert_eq!(bearer(Some(&h)), None);
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%é%41"), "%éA");
-    }
 }

@@ -23,22 +23,40 @@
 
 mod api;
 pub mod auth;
-pub mod broker;
+mod broker;
+mod client_api;
+mod commands;
 pub mod config;
-pub mod control;
-pub mod history;
+mod control;
+mod history;
 mod http;
-pub mod hub;
-pub mod metrics;
-pub mod node;
-pub mod outbox;
-pub mod presence;
-pub mod recovery;
-pub mod rules;
+mod hub;
+mod metrics;
+mod node;
+mod outbox;
+mod presence;
+mod ratelimit;
+mod recovery;
+mod respond;
+mod rules;
 mod session;
+mod shared;
 mod sink;
-pub mod subscriptions;
+mod subscriptions;
+mod transport;
 mod wire;
 
 pub use config::{Args, ConfigError, Settings};
 pub use node::{Node, NodeError};
+
+/// The hot path's parts, for this crate's benchmarks and white-box tests only
+/// (`--features internals`): no stability promise, not for embedders.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::broker::{Broker, HistoryRead};
+    pub use crate::control::Control;
+    pub use crate::hub::{Hub, Join, Joined, Subscriber};
+    pub use crate::outbox::{Inbox, Outbox, QueueLimits};
+    pub use crate::presence::Presence;
+}

@@ -63,7 +63,7 @@ async fn main() -> std::process::ExitCode {
     let window = node.settings().drain;
     tracing::info!(
         window_secs = window.as_secs_f64(),
-        connections = node.shared().connections(),
+        connections = node.connections(),
         "shutdown signal received; draining: connections close with 1001 over the window"
     );
     node.drain(window).await;

@@ -26,6 +26,7 @@ pub const PUBLISHES_TOTAL: &str = "fanout_publishes_total";
 pub const PUBSUB_LAG_SECONDS: &str = "fanout_pubsub_lag_seconds";
 pub const BROKER_SUBSCRIBE_SECONDS: &str = "fanout_broker_subscribe_seconds";
 pub const API_REQUESTS_TOTAL: &str = "fanout_api_requests_total";
+pub const CLIENT_HTTP_REQUESTS_TOTAL: &str = "fanout_client_http_requests_total";
 pub const INTERNAL_ERRORS_TOTAL: &str = "fanout_internal_errors_total";
 pub const RECOVERIES_TOTAL: &str = "fanout_recoveries_total";
 pub const GAP_REPAIRS_TOTAL: &str = "fanout_gap_repairs_total";
@@ -344,5 +345,10 @@ fn describe() {
         API_REQUESTS_TOTAL,
         Unit::Count,
         "Server API requests, by endpoint and status."
+    );
+    describe_counter!(
+        CLIENT_HTTP_REQUESTS_TOTAL,
+        Unit::Count,
+        "Client requests over plain HTTP (/sse streams opened or refused, /client/* commands), by endpoint and status."
     );
 }

@@ -417,6 +417,12 @@ impl Outbox {
     /// Asks for a ping: it goes out before the next queued frame, so a connection busy
     /// with messages still gets it (and its client's pong keeps it from being taken
     /// for silent). A ping not sent yet is not doubled.
+    /// The connection has taken nothing for too long (seen from the session's side,
+    /// for a transport whose writer cannot tell): a slow consumer.
+    pub fn stalled(&self) {
+        self.state.slow("stall");
+    }
+
     pub fn push_ping(&self) {
         let s = &self.state;
         if !s.slow.load(Ordering::Relaxed) {
@@ -448,11 +454,13 @@ impl Outbox {
         self.state.slow(limit);
     }
 
+    #[cfg(test)]
     pub fn control(&self) -> &Arc<Control> {
         &self.state.control
     }
 
     /// Frames waiting (live, replayed, and in conflation slots).
+    #[cfg(test)]
     pub fn queued(&self) -> usize {
         let s = &self.state;
         s.live_messages.load(Ordering::Relaxed)
@@ -461,6 +469,7 @@ impl Outbox {
     }
 
     /// Bytes waiting (live, replayed, and in conflation slots).
+    #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
         let s = &self.state;
         s.live_bytes.load(Ordering::Relaxed)
@@ -580,7 +589,7 @@ impl Inbox {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
         if let Some(frame) = self.try_next() {
             return Poll::Ready(Some(frame));
         }

@@ -171,10 +171,6 @@ impl Presence {
         self.local().values().map(HashMap::len).sum()
     }
 
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     /// Rewrites every entry of this node with a new expiry: one broker call per
     /// channel (per [`REFRESH_BATCH`] entries), [`REFRESH_CONCURRENCY`] channels at a
     /// time; a failed channel does not stop the others.

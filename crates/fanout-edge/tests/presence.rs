@@ -301,7 +301,7 @@ async fn populate(
     channels: &[String],
     per_channel: usize,
 ) {
-    let presence = node.shared().presence.clone();
+    let presence = node.presence();
     for (c, channel) in channels.iter().enumerate() {
         let channel: std::sync::Arc<str> = channel.as_str().into();
         for i in 0..per_channel {
@@ -413,7 +413,7 @@ async fn joins_do_not_wait_behind_a_sweep() {
     populate(&node, &redis, &channels, 5000).await;
 
     // For three refresh periods, a join every 100 ms: how long until Redis has it.
-    let presence = node.shared().presence.clone();
+    let presence = node.presence();
     let probe: std::sync::Arc<str> = "chat:probe".into();
     let key = "fanout:{chat:probe}:presence";
     let mut slowest = std::time::Duration::ZERO;
@@ -447,7 +447,7 @@ async fn prune_keeps_an_entry_refreshed_since_it_was_read() {
     for backend in Backend::all() {
         let name = backend.name();
         let node = start(backend.url().as_deref(), &[]).await;
-        let broker = node.shared().broker.clone();
+        let broker = node.broker();
         let channel = "chat:race";
         // Two entries that expired (a dead node's, say).
         match &backend {
@@ -514,7 +514,7 @@ async fn refresh_and_prune_in_redis_cluster() {
         .unwrap()
         .expect("redis cluster");
     let node = start(Some(&cluster.url()), &["--presence-ttl-secs", "3"]).await;
-    let presence = node.shared().presence.clone();
+    let presence = node.presence();
     let masters = cluster.masters().unwrap();
     // 12 channels, with each channel's primary.
     let channels: Vec<(String, u16)> = (0..12)

@@ -18,6 +18,7 @@ mod http;
 mod raw;
 mod redis;
 mod sentinel;
+mod sse;
 mod ws;
 
 pub use cluster::{ClusterNode, RedisCluster};
@@ -26,6 +27,7 @@ pub use http::http;
 pub use raw::{RawFrame, RawWs};
 pub use redis::{find_binary, RedisOptions, RedisServer, TestkitError};
 pub use sentinel::{RedisSentinel, SENTINEL_SERVICE};
+pub use sse::{SseClient, SseEvent};
 pub use ws::{Incoming, WsClient};
 
 /// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).

@@ -1,0 +1,169 @@
+//! Client commands over plain HTTP, for what a receive-only transport (an event
+//! stream) cannot carry: `POST /client/publish {channel, data, event?}` →
+//! `{offset, epoch}` and `GET /client/presence?channel=…` → `{channel, clients}`.
+//! Authorized by the user's connection token (`Authorization: Bearer …`), under the
+//! same namespace rules as the WebSocket commands ([`crate::commands`]) and the same
+//! rate limit, counted per user. Errors are `{"error":{"code","message"}}` with the
+//! code's HTTP status. Browsers on allowed origins get CORS answers, preflight
+//! included.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fanout_protocol::ErrorCode;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::auth::Principal;
+use crate::metrics as m;
+use crate::respond::{
+    bearer, cors, error_json, json, origin_allowed, principal, query_param, read_json, Body,
+    Refused,
+};
+use crate::rules::Refusal;
+use crate::shared::Shared;
+
+fn from_rules(r: Refusal) -> Refused {
+    let status = StatusCode::from_u16(r.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, r.code, r.message)
+}
+
+pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
+    let origin = req
+        .headers()
+        .get(ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let endpoint = match req.uri().path() {
+        "/client/publish" => "publish",
+        "/client/presence" => "presence",
+        _ => "unknown",
+    };
+    let result = if !origin_allowed(&shared, origin.as_deref()) {
+        Err((
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "origin not allowed".to_string(),
+        ))
+    } else {
+        match (req.method(), endpoint) {
+            (&Method::OPTIONS, "publish" | "presence") => Ok(preflight()),
+            (&Method::POST, "publish") => publish(req, &shared).await,
+            (&Method::GET, "presence") => presence(req, &shared).await,
+            (_, "unknown") => Err((
+                StatusCode::NOT_FOUND,
+                ErrorCode::BadRequest,
+                "no such endpoint".to_string(),
+            )),
+            _ => Err((
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::BadRequest,
+                "POST /client/publish, GET /client/presence".to_string(),
+            )),
+        }
+    };
+    let mut response = match result {
+        Ok(response) => response,
+        Err((status, code, message)) => {
+            metrics::counter!(m::CLIENT_ERRORS_TOTAL, "code" => code.as_str()).increment(1);
+            error_json(status, code, &message)
+        }
+    };
+    cors(response.headers_mut(), &shared, origin.as_deref());
+    metrics::counter!(m::CLIENT_HTTP_REQUESTS_TOTAL, "endpoint" => endpoint, "status" => response.status().as_str().to_string())
+        .increment(1);
+    response
+}
+
+/// The answer to a browser's CORS preflight.
+fn preflight() -> Response<Body> {
+    let mut r = json(StatusCode::NO_CONTENT, &serde_json::Value::Null);
+    *r.body_mut() = Body::default();
+    let h = r.headers_mut();
+    h.remove(hyper::header::CONTENT_TYPE);
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert("access-control-max-age", HeaderValue::from_static("600"));
+    r
+}
+
+/// The request's user, from its token, if its rate limit lets it through.
+fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<Principal, Refused> {
+    let token = bearer(req.headers().get(AUTHORIZATION));
+    let principal = principal(shared, token, "`Authorization: Bearer …`")?;
+    if !shared.client_buckets.take(&principal.user) {
+        return Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many requests; slow down".into(),
+        ));
+    }
+    Ok(principal)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<Response<Body>, Refused> {
+    let principal = authorize(&req, shared)?;
+    let limits = &shared.settings.limits;
+    let within = Duration::from_secs(limits.api_body_timeout_secs);
+    let body: PublishBody = read_json(req, limits.max_message_size, within).await?;
+    metrics::counter!(m::CLIENT_FRAMES_TOTAL, "type" => "publish").increment(1);
+    // Over HTTP there is no subscription to look at: for a namespace where
+    // subscribers publish, whoever may subscribe may publish.
+    let namespaces = &shared.settings.namespaces;
+    let may_subscribe = namespaces.parse(&body.channel).is_ok_and(|c| {
+        namespaces
+            .check_subscribe(&principal, &c, crate::rules::Grant::None)
+            .is_ok()
+    });
+    let ack = crate::commands::publish(
+        shared,
+        &principal,
+        &body.channel,
+        &body.data,
+        body.event.as_deref(),
+        may_subscribe,
+    )
+    .await
+    .map_err(from_rules)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"offset": ack.offset, "epoch": ack.epoch}),
+    ))
+}
+
+async fn presence(req: Request<Incoming>, shared: &Shared) -> Result<Response<Body>, Refused> {
+    let principal = authorize(&req, shared)?;
+    let Some(channel) = query_param(req.uri().query(), "channel") else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "`channel` query parameter missing".into(),
+        ));
+    };
+    metrics::counter!(m::CLIENT_FRAMES_TOTAL, "type" => "presence").increment(1);
+    let clients = crate::commands::presence(shared, &principal, &channel, false)
+        .await
+        .map_err(from_rules)?;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"channel": channel, "clients": clients}),
+    ))
+}
