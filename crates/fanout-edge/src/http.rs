@@ -4,7 +4,6 @@
 //! each route lives in its own module; this one only dispatches.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,22 +19,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::respond::{json, Body};
+use crate::respond::{json, Body, Conn};
 use crate::shared::Shared;
 use crate::transport::sse::SseBody;
 
 /// A response: built in full, or an event stream.
 pub(crate) type Reply = Either<Body, SseBody>;
-
-/// What a request handler may need of its HTTP connection.
-#[derive(Clone)]
-pub(crate) struct Conn {
-    pub peer: IpAddr,
-    pub tracker: TaskTracker,
-    /// Cancelled: the connection is dropped at once, whatever it is doing (a stream
-    /// whose reader stopped reading cannot be ended by a last write).
-    pub kill: CancellationToken,
-}
 
 pub(crate) async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
     loop {

@@ -1,5 +1,6 @@
-//! Small HTTP helpers shared by every endpoint: JSON responses and the parts of a
-//! request that carry a token or a parameter. No routing and no state here.
+//! Small HTTP helpers shared by every endpoint: the connection a request came on, JSON
+//! responses, CORS, and the parts of a request that carry a token, a parameter or a
+//! body. No routing and no state here.
 
 use bytes::Bytes;
 use fanout_protocol::ErrorCode;
@@ -11,6 +12,9 @@ use hyper::{Response, StatusCode};
 use serde::Deserialize;
 
 use crate::shared::Shared;
+use std::net::IpAddr;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Every response body the edge builds in full (streams have their own).
 pub(crate) type Body = Full<Bytes>;
@@ -43,6 +47,16 @@ pub(crate) fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> 
         status,
         &serde_json::json!({"error": {"code": code.as_str(), "message": message}}),
     )
+}
+
+/// What a request handler may need of its HTTP connection.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub peer: IpAddr,
+    pub tracker: TaskTracker,
+    /// Cancelled: the connection is dropped at once, whatever it is doing (a stream
+    /// whose reader stopped reading cannot be ended by a last write).
+    pub kill: CancellationToken,
 }
 
 /// Why an HTTP request is refused: its status, error code and message.

@@ -36,11 +36,11 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::{Control, Side};
-use crate::http::{Conn, Reply};
 use crate::metrics as m;
 use crate::outbox::{Inbox, Kind, Outgoing};
 use crate::respond::{
-    bearer, cors, error_json, origin_allowed, principal, query_params, query_token, Refused,
+    bearer, cors, error_json, origin_allowed, principal, query_params, query_token, Body, Conn,
+    Refused,
 };
 use crate::rules::Grant;
 use crate::session::Session;
@@ -55,7 +55,11 @@ const BURST: usize = 64;
 
 /// `GET /sse`: checks the request, then answers `200 text/event-stream` and starts the
 /// stream's session, or answers the refusal's status with a JSON error.
-pub(crate) fn stream(req: Request<Incoming>, shared: Arc<Shared>, conn: Conn) -> Response<Reply> {
+pub(crate) fn stream(
+    req: Request<Incoming>,
+    shared: Arc<Shared>,
+    conn: Conn,
+) -> Response<Either<Body, SseBody>> {
     let origin = req
         .headers()
         .get(hyper::header::ORIGIN)
@@ -84,7 +88,7 @@ fn open(
     shared: &Arc<Shared>,
     conn: &Conn,
     origin: Option<&str>,
-) -> Result<Response<Reply>, Refused> {
+) -> Result<Response<Either<Body, SseBody>>, Refused> {
     if !origin_allowed(shared, origin) {
         metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL, "limit" => "origin").increment(1);
         return Err(refused(
