@@ -14,6 +14,9 @@ use crate::history::HistoryRead;
 use crate::metrics as m;
 use crate::outbox::Frame;
 pub use crate::outbox::Outbox;
+use crate::positions::{
+    check, continues, covered_or_foreign, reaches, recovers, Check, Position, Span,
+};
 
 pub type SessionId = u64;
 
@@ -60,40 +63,6 @@ impl Subscriber {
             outbox,
             conflate,
             skip_to: 0,
-        }
-    }
-}
-
-/// Where a channel's stream stands: the last offset dispatched, in an epoch. No epoch
-/// (offset 0): the channel had no history when the node looked, so its first message
-/// will be offset 1 of a new epoch — and one that arrives later than that is a gap.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: Option<String>,
-    pub offset: u64,
-}
-
-impl Position {
-    fn new(epoch: Option<String>, top: u64) -> Position {
-        match epoch {
-            Some(epoch) => Position {
-                epoch: Some(epoch),
-                offset: top,
-            },
-            None => Position {
-                epoch: None,
-                offset: 0,
-            },
-        }
-    }
-
-    /// Whether history read as `epoch` continues this position's stream.
-    fn continued_by(&self, epoch: Option<&str>) -> bool {
-        match (self.epoch.as_deref(), epoch) {
-            (Some(a), Some(b)) => a == b,
-            // Nothing had been published: any epoch begun since continues it.
-            (None, _) => true,
-            (Some(_), None) => false,
         }
     }
 }
@@ -227,27 +196,6 @@ impl IntoIterator for Held {
         self.total.fetch_sub(self.bytes, Ordering::Relaxed);
         self.bytes = 0;
         queue.into_iter()
-    }
-}
-
-enum Check {
-    Accept,
-    Duplicate,
-    Gap,
-}
-
-fn check(position: &Option<Position>, env: &Envelope) -> Check {
-    let (Some(offset), Some(epoch), Some(p)) = (env.offset, env.epoch.as_deref(), position) else {
-        // No offset (a raw PUBLISH), or nothing to compare with yet.
-        return Check::Accept;
-    };
-    if !p.continued_by(Some(epoch)) {
-        return Check::Gap;
-    }
-    match offset.cmp(&(p.offset + 1)) {
-        std::cmp::Ordering::Equal => Check::Accept,
-        std::cmp::Ordering::Less => Check::Duplicate,
-        std::cmp::Ordering::Greater => Check::Gap,
     }
 }
 
@@ -501,8 +449,16 @@ impl Hub {
         // The read must reach what the node had dispatched before this subscriber
         // joined (what it dispatched since is in `waiting`), or the messages in between
         // would be neither in this read nor sent to it live.
-        let behind = |p: &Position| !p.continued_by(h.epoch.as_deref()) || p.offset > h.top;
-        let stale = st.joining[i].base.as_ref().is_some_and(behind);
+        let span = Span {
+            epoch: h.epoch.as_deref(),
+            top: h.top,
+            first: h.entries.first().and_then(|e| e.offset),
+            last: h.entries.last().and_then(|e| e.offset),
+        };
+        let stale = st.joining[i]
+            .base
+            .as_ref()
+            .is_some_and(|b| !reaches(b, span));
         if stale && join.attempt + 1 < MAX_JOIN_READS {
             return Joined::Stale;
         }
@@ -539,14 +495,9 @@ impl Hub {
         // that cannot be replayed whole is not recovered (the client reloads instead of
         // being flooded); `last` and a job's latest state keep the newest that fit.
         let fit = fitting_suffix(&sub.outbox, &h.entries);
-        let recovered = join.since.map(|s| {
-            h.epoch.as_deref() == Some(s.epoch.as_str())
-                && s.offset <= h.top
-                && (s.offset == h.top
-                    || (h.entries.first().and_then(|e| e.offset) == Some(s.offset + 1)
-                        && h.entries.last().and_then(|e| e.offset) == Some(h.top)))
-                && fit == h.entries.len()
-        });
+        let recovered = join
+            .since
+            .map(|s| recovers(&s.epoch, s.offset, span) && fit == h.entries.len());
         if let Some(r) = recovered {
             let outcome = if r { "recovered" } else { "not_recovered" };
             metrics::counter!(m::RECOVERIES_TOTAL, "outcome" => outcome).increment(1);
@@ -571,14 +522,10 @@ impl Hub {
         };
         let mut ended = false;
         let mut sent: Option<(Option<&str>, u64)> = None;
-        for e in from_history.iter().chain(waiting.iter().filter(|e| {
-            // What the history read already covered is not sent twice, nor what belongs
-            // to a stream other than the one `subscribed` announced.
-            let covered =
-                e.epoch.is_some() && e.epoch == h.epoch && e.offset.is_some_and(|o| o <= h.top);
-            let other_epoch = h.epoch.is_some() && e.epoch.is_some() && e.epoch != h.epoch;
-            !covered && !other_epoch
-        })) {
+        let waited = waiting
+            .iter()
+            .filter(|e| !covered_or_foreign(e.epoch.as_deref(), e.offset, span));
+        for e in from_history.iter().chain(waited) {
             if let (Some(o), Some((epoch, last))) = (e.offset, sent) {
                 if o <= last && e.epoch.as_deref() == epoch {
                     continue;
@@ -691,7 +638,11 @@ impl Hub {
             self.hold(&name, held, envelope);
             return out;
         }
-        match check(&st.position, &envelope) {
+        match check(
+            st.position.as_ref(),
+            envelope.offset,
+            envelope.epoch.as_deref(),
+        ) {
             Check::Accept => {
                 self.accept(&mut st, channel, &envelope, &mut out, false);
                 if out.ended > 0 {
@@ -854,22 +805,22 @@ impl Hub {
         let held = st.held.take().unwrap_or_else(|| self.new_hold());
         // A repair only starts with a position.
         let position = st.position.clone().unwrap_or(Position::new(None, 0));
-        let contiguous = !abandon
-            && position.continued_by(h.epoch.as_deref())
-            && h.top >= position.offset
-            && (h.top == position.offset
-                || h.entries
-                    .iter()
-                    .find(|e| e.offset > Some(position.offset))
-                    .and_then(|e| e.offset)
-                    == Some(position.offset + 1));
+        let next = h
+            .entries
+            .iter()
+            .find(|e| e.offset > Some(position.offset))
+            .and_then(|e| e.offset);
+        let contiguous = !abandon && continues(&position, h.epoch.as_deref(), h.top, next);
         if contiguous {
             for e in h
                 .entries
                 .iter()
                 .filter(|e| e.offset > Some(position.offset))
             {
-                if matches!(check(&st.position, e), Check::Accept) {
+                if matches!(
+                    check(st.position.as_ref(), e.offset, e.epoch.as_deref()),
+                    Check::Accept
+                ) {
                     self.accept(&mut st, channel, e, &mut out, true);
                     out.repaired += 1;
                 }
@@ -911,7 +862,7 @@ impl Hub {
                     continue;
                 }
             }
-            match check(&st.position, &e) {
+            match check(st.position.as_ref(), e.offset, e.epoch.as_deref()) {
                 Check::Accept => self.accept(&mut st, channel, &e, &mut out, true),
                 Check::Duplicate => out.duplicates += 1,
                 Check::Gap => {

@@ -34,6 +34,7 @@ mod hub;
 mod metrics;
 mod node;
 mod outbox;
+mod positions;
 mod presence;
 mod ratelimit;
 mod recovery;
