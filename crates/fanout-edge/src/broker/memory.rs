@@ -113,6 +113,16 @@ impl Broker for MemoryBroker {
         history: HistoryPolicy,
         idempotency_key: Option<&str>,
     ) -> Result<PublishAck, BrokerError> {
+        // Refused as the Redis broker's publisher refuses them.
+        fanout_protocol::Channel::parse(channel)
+            .map_err(|e| BrokerError::Invalid(format!("invalid channel: {e}")))?;
+        if let Some(key) = idempotency_key {
+            if !fanout_publisher::valid_idempotency_key(key) {
+                return Err(BrokerError::Invalid(format!(
+                    "invalid idempotency key {key:?}"
+                )));
+            }
+        }
         // The lock spans offset assignment and dispatch so that subscribers see offsets
         // in order; dispatch never waits.
         let mut state = self.state.lock().expect("memory broker lock");
@@ -223,7 +233,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn broadcast_control(&self, payload: &str) -> Result<usize, BrokerError> {
-        // One node: this one.
+        // One node, this one, and only while it is subscribed (as with Redis).
+        let state = self.state.lock().expect("memory broker lock");
+        if !state.subscribed.contains(super::CONTROL_CHANNEL) {
+            return Ok(0);
+        }
         self.sink
             .deliver(super::CONTROL_CHANNEL, payload.as_bytes());
         Ok(1)

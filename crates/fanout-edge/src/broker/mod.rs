@@ -7,6 +7,9 @@
 pub mod memory;
 pub mod redis;
 
+#[cfg(test)]
+mod contract;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;

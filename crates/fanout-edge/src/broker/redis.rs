@@ -400,6 +400,10 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        // Nothing to do (a bare SUBSCRIBE would be refused).
+        if channels.is_empty() {
+            return Ok(());
+        }
         if self.sharded {
             // One channel per SSUBSCRIBE: channels of one command must share a slot, and
             // fred matches only the first of several confirmations to the command. fred
@@ -441,6 +445,10 @@ impl Broker for RedisBroker {
     }
 
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError> {
+        // A bare UNSUBSCRIBE would drop every channel of the connection.
+        if channels.is_empty() {
+            return Ok(());
+        }
         if self.sharded {
             // Every channel is tried (a failure of one leaves the others unsubscribed).
             let each = channels
