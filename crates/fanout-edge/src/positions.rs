@@ -193,7 +193,13 @@ mod tests {
             !recovers("e1", 7, span(Some("e2"), 10, 1..=10)),
             "another epoch"
         );
-        assert!(!recovers("e1", 0, span(None, 0, 1..=0)), "no history");
+        let nothing = Span {
+            epoch: None,
+            top: 0,
+            first: None,
+            last: None,
+        };
+        assert!(!recovers("e1", 0, nothing), "no history");
     }
 
     #[test]
