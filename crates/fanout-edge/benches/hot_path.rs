@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fanout_edge::auth::Auth;
 use fanout_edge::internals::{
-    Control, HistoryRead, Hub, Inbox, Join, Joined, Outbox, QueueLimits, Subscriber,
+    Attach, Attached, Control, HistoryRead, Hub, Outbox, OutboxReader, QueueLimits, Subscriber,
 };
 use fanout_protocol::{Codec, Envelope};
 use jsonwebtoken::{encode, EncodingKey, Header};
@@ -26,7 +26,7 @@ fn envelope(offset: u64) -> Arc<Envelope> {
 }
 
 /// A hub with `n` live subscribers on one channel (JSON), and their queues.
-fn hub_with(n: usize) -> (Hub, Vec<Inbox>) {
+fn hub_with(n: usize) -> (Hub, Vec<OutboxReader>) {
     let hub = Hub::default();
     let limits = QueueLimits {
         messages: 2 * BATCH as usize,
@@ -38,14 +38,14 @@ fn hub_with(n: usize) -> (Hub, Vec<Inbox>) {
     for id in 0..n as u64 {
         let control = Arc::new(Control::new());
         let (outbox, inbox) = Outbox::new(limits, control);
-        hub.join(
+        hub.attach(
             Arc::from(CHANNEL),
             Subscriber::new(id, Codec::Json, outbox, false),
         );
-        let joined = hub.complete_join(
+        let joined = hub.complete_attach(
             CHANNEL,
             id,
-            Join {
+            Attach {
                 id: None,
                 since: None,
                 send_entries: false,
@@ -57,7 +57,7 @@ fn hub_with(n: usize) -> (Hub, Vec<Inbox>) {
                 attempt: 0,
             },
         );
-        assert_eq!(joined, Joined::Live { recovered: None });
+        assert_eq!(joined, Attached::Live { recovered: None });
         inboxes.push(inbox);
     }
     for inbox in &mut inboxes {

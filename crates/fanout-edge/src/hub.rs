@@ -28,7 +28,7 @@ pub struct Subscriber {
     pub outbox: Outbox,
     /// Keep only the newest message when its queue is full, instead of closing 4009.
     pub conflate: bool,
-    /// Messages up to this offset reached it from history when it joined: not sent
+    /// Messages up to this offset reached it from history when it attached: not sent
     /// again when the node's stream catches up.
     skip_to: u64,
 }
@@ -46,9 +46,10 @@ impl Subscriber {
         }
     }
 
-    /// Queues a notice about `channel` (`subscribed`, `unsubscribed`): after the
-    /// channel's messages, never replacing them.
-    fn notice(&self, channel: &Arc<str>, frame: impl Into<Frame>) -> bool {
+    /// Queues a frame about `channel` that is not a message (`subscribed`,
+    /// `unsubscribed`, a presence `join`/`leave`): after the channel's messages, never
+    /// replacing them nor replaced.
+    fn announce(&self, channel: &Arc<str>, frame: impl Into<Frame>) -> bool {
         if self.conflate {
             self.outbox.push_channel(channel, frame, false, false)
         } else {
@@ -69,11 +70,11 @@ impl Subscriber {
 
 /// A subscriber whose `subscribed` is not sent yet: it is reading history, and live
 /// messages for it wait here until it has what it recovered.
-struct Joining {
+struct Attaching {
     sub: Subscriber,
     waiting: Vec<Arc<Envelope>>,
-    /// The channel's position when it joined, or when the position last moved other
-    /// than by accepting a message (another joiner's read, a reset): every message
+    /// The channel's position when it attached, or when the position last moved other
+    /// than by accepting a message (another attacher's read, a reset): every message
     /// accepted since is in `waiting`.
     base: Option<Position>,
 }
@@ -81,7 +82,7 @@ struct Joining {
 struct ChannelState {
     name: Arc<str>,
     live: Vec<Subscriber>,
-    joining: Vec<Joining>,
+    attaching: Vec<Attaching>,
     position: Option<Position>,
     /// Messages held, in arrival order, while the node repairs a gap from history
     /// (boxed: rare, and every channel carries the field).
@@ -96,7 +97,7 @@ impl ChannelState {
         ChannelState {
             name,
             live: Vec::new(),
-            joining: Vec::new(),
+            attaching: Vec::new(),
             position: None,
             held: None,
             held_at_read: 0,
@@ -105,7 +106,7 @@ impl ChannelState {
     }
 
     fn is_empty(&self) -> bool {
-        self.live.is_empty() && self.joining.is_empty()
+        self.live.is_empty() && self.attaching.is_empty()
     }
 
     /// Adds a live subscriber. The first gets room for one, not four: most channels
@@ -217,31 +218,31 @@ pub struct Delivery {
     pub duplicates: usize,
 }
 
-/// A join's history read, with what the client asked for.
-pub struct Join<'a> {
+/// A attach's history read, with what the client asked for.
+pub struct Attach<'a> {
     pub id: Option<&'a FrameId>,
     pub since: Option<&'a Since>,
     /// Send the entries read (`last: N`, or a job's latest state).
     pub send_entries: bool,
     pub history: HistoryRead,
-    /// How many reads were answered [`Joined::Stale`] before this one.
+    /// How many reads were answered [`Attached::Stale`] before this one.
     pub attempt: u32,
 }
 
-/// Reads a join may make before it completes with what it has.
-pub const MAX_JOIN_READS: u32 = 3;
+/// Reads a attach may make before it completes with what it has.
+pub const MAX_ATTACH_READS: u32 = 3;
 
-/// How a join ended.
+/// How a attach ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Joined {
+pub enum Attached {
     /// Subscribed; `recovered` answers a `since`.
     Live { recovered: Option<bool> },
     /// The job had already finished: the client got its last state and `unsubscribed`.
     Ended,
-    /// The session is no longer joining (it left meanwhile).
+    /// The session is no longer attaching (it left meanwhile).
     Gone,
     /// The read is older than what the node already dispatched on the channel: read
-    /// history again and complete with the fresher read (still joining meanwhile).
+    /// history again and complete with the fresher read (still attaching meanwhile).
     Stale,
 }
 
@@ -273,16 +274,17 @@ impl<'a> Encoded<'a> {
     }
 }
 
-/// A control frame for many subscribers, encoded at most once per codec.
-struct Notice<'a> {
+/// A frame other than a message, for many subscribers, encoded at most once per
+/// codec.
+struct Announcement<'a> {
     frame: ServerFrame<'a>,
     json: Option<Frame>,
     msgpack: Option<Frame>,
 }
 
-impl<'a> Notice<'a> {
+impl<'a> Announcement<'a> {
     fn new(frame: ServerFrame<'a>) -> Self {
-        Notice {
+        Announcement {
             frame,
             json: None,
             msgpack: None,
@@ -401,9 +403,9 @@ impl Hub {
         metrics::gauge!(m::SUBSCRIPTIONS).set(n as f64);
     }
 
-    /// Starts a subscription: `sub` receives nothing until [`Hub::complete_join`] has
+    /// Starts a subscription: `sub` receives nothing until [`Hub::complete_attach`] has
     /// sent it `subscribed` and what it recovered; live messages wait for it meanwhile.
-    pub fn join(&self, channel: Arc<str>, sub: Subscriber) {
+    pub fn attach(&self, channel: Arc<str>, sub: Subscriber) {
         loop {
             let state = {
                 let mut shard = self
@@ -416,14 +418,14 @@ impl Hub {
                     .clone()
             };
             let mut st = lock(&state);
-            // The state may have been dropped as empty between the two locks: join the
+            // The state may have been dropped as empty between the two locks: attach the
             // one the shard maps now.
             let current = self.state(&channel);
             if !current.is_some_and(|c| Arc::ptr_eq(&c, &state)) {
                 continue;
             }
             let base = st.position.clone();
-            st.joining.push(Joining {
+            st.attaching.push(Attaching {
                 sub,
                 waiting: Vec::new(),
                 base,
@@ -433,21 +435,21 @@ impl Hub {
         }
     }
 
-    /// Finishes a join with the history read for it: queues `subscribed` (with the
+    /// Finishes a attach with the history read for it: queues `subscribed` (with the
     /// position and, for a `since`, whether everything missed could be recovered), the
     /// recovered or asked-for messages, then what arrived meanwhile — each once, in
     /// order — and makes the subscriber live.
-    pub fn complete_join(&self, channel: &str, id: SessionId, join: Join<'_>) -> Joined {
+    pub fn complete_attach(&self, channel: &str, id: SessionId, attach: Attach<'_>) -> Attached {
         let Some(state) = self.state(channel) else {
-            return Joined::Gone;
+            return Attached::Gone;
         };
         let mut st = lock(&state);
-        let Some(i) = st.joining.iter().position(|j| j.sub.id == id) else {
-            return Joined::Gone;
+        let Some(i) = st.attaching.iter().position(|j| j.sub.id == id) else {
+            return Attached::Gone;
         };
-        let h = join.history;
+        let h = attach.history;
         // The read must reach what the node had dispatched before this subscriber
-        // joined (what it dispatched since is in `waiting`), or the messages in between
+        // attached (what it dispatched since is in `waiting`), or the messages in between
         // would be neither in this read nor sent to it live.
         let span = Span {
             epoch: h.epoch.as_deref(),
@@ -455,24 +457,24 @@ impl Hub {
             first: h.entries.first().and_then(|e| e.offset),
             last: h.entries.last().and_then(|e| e.offset),
         };
-        let stale = st.joining[i]
+        let stale = st.attaching[i]
             .base
             .as_ref()
             .is_some_and(|b| !reaches(b, span));
-        if stale && join.attempt + 1 < MAX_JOIN_READS {
-            return Joined::Stale;
+        if stale && attach.attempt + 1 < MAX_ATTACH_READS {
+            return Attached::Stale;
         }
-        let Joining { sub, waiting, .. } = st.joining.swap_remove(i);
-        if st.joining.is_empty() {
-            // Joins are brief: an idle channel keeps no room for them.
-            st.joining = Vec::new();
+        let Attaching { sub, waiting, .. } = st.attaching.swap_remove(i);
+        if st.attaching.is_empty() {
+            // Attaches are brief: an idle channel keeps no room for them.
+            st.attaching = Vec::new();
         }
         let name = st.name.clone();
         if stale {
             // Reads kept lagging what the node had dispatched (a lagging replica): the
             // subscriber starts from the node's position and is told it must reload.
             let p = st.position.clone().unwrap_or(Position::new(None, 0));
-            if join.since.is_some() {
+            if attach.since.is_some() {
                 metrics::counter!(m::RECOVERIES_TOTAL, "outcome" => "not_recovered").increment(1);
             }
             let info = SubscribedInfo {
@@ -481,13 +483,13 @@ impl Hub {
                 recovered: Some(false),
             };
             let frame = ServerFrame::Subscribed {
-                id: join.id,
+                id: attach.id,
                 channel,
                 info,
             };
-            sub.notice(&name, sub.codec.encode(&frame));
+            sub.announce(&name, sub.codec.encode(&frame));
             st.make_live(sub);
-            return Joined::Live {
+            return Attached::Live {
                 recovered: Some(false),
             };
         }
@@ -495,7 +497,7 @@ impl Hub {
         // that cannot be replayed whole is not recovered (the client reloads instead of
         // being flooded); `last` and a job's latest state keep the newest that fit.
         let fit = fitting_suffix(&sub.outbox, &h.entries);
-        let recovered = join
+        let recovered = attach
             .since
             .map(|s| recovers(&s.epoch, s.offset, span) && fit == h.entries.len());
         if let Some(r) = recovered {
@@ -507,15 +509,15 @@ impl Hub {
             epoch: h.epoch.clone(),
             recovered,
         };
-        sub.notice(
+        sub.announce(
             &name,
             sub.codec.encode(&ServerFrame::Subscribed {
-                id: join.id,
+                id: attach.id,
                 channel,
                 info,
             }),
         );
-        let from_history: &[Arc<Envelope>] = match (recovered, join.send_entries) {
+        let from_history: &[Arc<Envelope>] = match (recovered, attach.send_entries) {
             (Some(true), _) => &h.entries,
             (None, true) => &h.entries[h.entries.len() - fit..],
             _ => &[],
@@ -544,7 +546,7 @@ impl Hub {
         match &st.position {
             None => {
                 let position = Position::new(h.epoch, h.top);
-                for j in st.joining.iter_mut() {
+                for j in st.attaching.iter_mut() {
                     j.base = Some(position.clone());
                 }
                 st.position = Some(position);
@@ -557,7 +559,7 @@ impl Hub {
             Some(_) => {}
         }
         if ended {
-            sub.notice(
+            sub.announce(
                 &name,
                 sub.codec.encode(&ServerFrame::Unsubscribed {
                     id: None,
@@ -567,13 +569,13 @@ impl Hub {
             );
             self.count(-1);
             self.drop_if_empty(channel, &st, &state);
-            return Joined::Ended;
+            return Attached::Ended;
         }
         st.make_live(sub);
-        Joined::Live { recovered }
+        Attached::Live { recovered }
     }
 
-    /// Removes session `id` from `channel` (live or joining); returns whether it was
+    /// Removes session `id` from `channel` (live or attaching); returns whether it was
     /// there — and so whether the caller holds a broker reference to release.
     pub fn remove(&self, channel: &str, id: SessionId) -> bool {
         let Some(state) = self.state(channel) else {
@@ -583,8 +585,8 @@ impl Hub {
         let removed = if let Some(i) = st.live.iter().position(|s| s.id == id) {
             st.live.swap_remove(i);
             true
-        } else if let Some(i) = st.joining.iter().position(|j| j.sub.id == id) {
-            st.joining.swap_remove(i);
+        } else if let Some(i) = st.attaching.iter().position(|j| j.sub.id == id) {
+            st.attaching.swap_remove(i);
             true
         } else {
             false
@@ -596,11 +598,11 @@ impl Hub {
         removed
     }
 
-    /// Whether session `id` is subscribed to (or joining) `channel`.
+    /// Whether session `id` is subscribed to (or attaching) `channel`.
     pub fn contains(&self, channel: &str, id: SessionId) -> bool {
         self.state(channel).is_some_and(|state| {
             let st = lock(&state);
-            st.live.iter().any(|s| s.id == id) || st.joining.iter().any(|j| j.sub.id == id)
+            st.live.iter().any(|s| s.id == id) || st.attaching.iter().any(|j| j.sub.id == id)
         })
     }
 
@@ -609,8 +611,8 @@ impl Hub {
     /// while holding a channel lock elsewhere).
     fn drop_if_empty(&self, channel: &str, st: &ChannelState, state: &Arc<Mutex<ChannelState>>) {
         if st.is_empty() && !st.repairing {
-            // A joiner that cloned this state meanwhile notices it is no longer mapped
-            // (see `join`) and starts over.
+            // An attacher that cloned this state meanwhile notices it is no longer mapped
+            // (see `attach`) and starts over.
             let mut shard = self
                 .shard(channel)
                 .write()
@@ -683,14 +685,14 @@ impl Hub {
         }
         let mut encoded = Encoded::new(channel, env);
         let offset = env.offset.unwrap_or(u64::MAX);
-        let notice = env.notice.is_some();
+        let presence = env.notice.is_some();
         for sub in &st.live {
             if offset <= sub.skip_to {
                 continue;
             }
             // A join/leave notice never replaces (nor is replaced by) a message.
-            let queued = if notice {
-                sub.notice(&st.name, encoded.frame(sub.codec))
+            let queued = if presence {
+                sub.announce(&st.name, encoded.frame(sub.codec))
             } else {
                 sub.message(&st.name, encoded.frame(sub.codec), replay)
             };
@@ -698,19 +700,19 @@ impl Hub {
                 out.queued += 1;
             }
         }
-        for j in st.joining.iter_mut() {
+        for j in st.attaching.iter_mut() {
             j.waiting.push(env.clone());
         }
         if is_job(channel) && !st.live.is_empty() && env.is_terminal() {
             // The job is over: every live subscription of it ends here.
-            let mut notice = Notice::new(ServerFrame::Unsubscribed {
+            let mut announcement = Announcement::new(ServerFrame::Unsubscribed {
                 id: None,
                 channel,
                 reason: "completed",
             });
             let name = st.name.clone();
             for sub in st.live.drain(..) {
-                sub.notice(&name, notice.frame(sub.codec));
+                sub.announce(&name, announcement.frame(sub.codec));
                 out.ended += 1;
             }
             self.count(-(out.ended as isize));
@@ -828,7 +830,7 @@ impl Hub {
         } else {
             out.reset = true;
             let position = Position::new(h.epoch.clone(), h.top);
-            for j in st.joining.iter_mut() {
+            for j in st.attaching.iter_mut() {
                 j.base = Some(position.clone());
             }
             st.position = Some(position);
@@ -837,7 +839,7 @@ impl Hub {
                 epoch: h.epoch.clone(),
                 recovered: Some(false),
             };
-            let mut notice = Notice::new(ServerFrame::Subscribed {
+            let mut announcement = Announcement::new(ServerFrame::Subscribed {
                 id: None,
                 channel,
                 info,
@@ -845,7 +847,7 @@ impl Hub {
             let name = st.name.clone();
             for sub in st.live.iter_mut() {
                 sub.skip_to = 0;
-                sub.notice(&name, notice.frame(sub.codec));
+                sub.announce(&name, announcement.frame(sub.codec));
             }
         }
         // (Given up, no read was made: nothing held predates one.)
@@ -902,7 +904,7 @@ impl Hub {
             .collect()
     }
 
-    /// Subscriptions across all channels.
+    /// Client subscriptions across all channels.
     pub fn subscriptions(&self) -> usize {
         self.subscriptions.load(Ordering::Relaxed)
     }
@@ -941,10 +943,10 @@ fn fitting_suffix(outbox: &Outbox, entries: &[Arc<Envelope>]) -> usize {
 mod tests {
     use super::*;
     use crate::control::Control;
-    use crate::outbox::Inbox;
+    use crate::outbox::OutboxReader;
     use fanout_protocol::CloseCode;
 
-    fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, Inbox) {
+    fn subscriber(id: SessionId, codec: Codec, cap: usize) -> (Subscriber, OutboxReader) {
         let control = Arc::new(Control::new());
         let limits = crate::outbox::QueueLimits {
             messages: cap,
@@ -977,7 +979,7 @@ mod tests {
     }
 
     /// Frames queued for a subscriber, as JSON values.
-    fn drain(rx: &mut Inbox) -> Vec<serde_json::Value> {
+    fn drain(rx: &mut OutboxReader) -> Vec<serde_json::Value> {
         std::iter::from_fn(|| rx.try_recv())
             .map(|b| serde_json::from_slice(&b).unwrap())
             .collect()
@@ -991,7 +993,7 @@ mod tests {
             .collect()
     }
 
-    /// Completes a first-attempt join of `id` with the read `history`.
+    /// Completes a first-attempt attach of `id` with the read `history`.
     fn complete(
         hub: &Hub,
         ch: &str,
@@ -999,23 +1001,23 @@ mod tests {
         since: Option<&Since>,
         send_entries: bool,
         history: HistoryRead,
-    ) -> Joined {
-        let join = Join {
+    ) -> Attached {
+        let attach = Attach {
             id: None,
             since,
             send_entries,
             history,
             attempt: 0,
         };
-        hub.complete_join(ch, id, join)
+        hub.complete_attach(ch, id, attach)
     }
 
-    /// Joins `id` with no `since`, reading `top` as the position.
-    fn join_live(hub: &Hub, ch: &str, sub: Subscriber, top: u64) {
+    /// Attaches `id` with no `since`, reading `top` as the position.
+    fn attach_live(hub: &Hub, ch: &str, sub: Subscriber, top: u64) {
         let id = sub.id;
-        hub.join(Arc::from(ch), sub);
-        let joined = complete(hub, ch, id, None, false, history(top, []));
-        assert_eq!(joined, Joined::Live { recovered: None });
+        hub.attach(Arc::from(ch), sub);
+        let attached = complete(hub, ch, id, None, false, history(top, []));
+        assert_eq!(attached, Attached::Live { recovered: None });
     }
 
     #[test]
@@ -1025,7 +1027,7 @@ mod tests {
         let (b, mut rb) = subscriber(2, Codec::Json, 8);
         let (c, mut rc) = subscriber(3, Codec::MsgPack, 8);
         for s in [a, b, c] {
-            join_live(&hub, "user:1", s, 0);
+            attach_live(&hub, "user:1", s, 0);
         }
         for rx in [&mut ra, &mut rb, &mut rc] {
             rx.try_recv().expect("subscribed");
@@ -1049,8 +1051,8 @@ mod tests {
         let (fast, mut rf) = subscriber(2, Codec::Json, 100);
         let slow_control = slow.outbox.control().clone();
         let fast_control = fast.outbox.control().clone();
-        join_live(&hub, "user:1", slow, 0);
-        join_live(&hub, "user:1", fast, 0);
+        attach_live(&hub, "user:1", slow, 0);
+        attach_live(&hub, "user:1", fast, 0);
         for n in 1..=10 {
             hub.deliver("user:1", numbered(n));
         }
@@ -1063,7 +1065,7 @@ mod tests {
     fn remove_cleans_up() {
         let hub = Hub::new(2);
         let (a, _ra) = subscriber(1, Codec::Json, 4);
-        join_live(&hub, "user:1", a, 0);
+        attach_live(&hub, "user:1", a, 0);
         assert_eq!((hub.channels(), hub.subscriptions()), (1, 1));
         assert!(hub.contains("user:1", 1));
         assert!(hub.remove("user:1", 1));
@@ -1072,10 +1074,10 @@ mod tests {
     }
 
     #[test]
-    fn join_sends_recovered_then_waiting_without_duplicates() {
+    fn attach_sends_recovered_then_waiting_without_duplicates() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        hub.join(Arc::from("c:x"), a);
+        hub.attach(Arc::from("c:x"), a);
         // Live messages while the history read is under way: 5 is also in the read.
         hub.deliver("c:x", numbered(5));
         hub.deliver("c:x", numbered(6));
@@ -1083,10 +1085,10 @@ mod tests {
             offset: 2,
             epoch: "e1".into(),
         };
-        let joined = complete(&hub, "c:x", 1, Some(&since), false, history(5, 3..=5));
+        let attached = complete(&hub, "c:x", 1, Some(&since), false, history(5, 3..=5));
         assert_eq!(
-            joined,
-            Joined::Live {
+            attached,
+            Attached::Live {
                 recovered: Some(true)
             }
         );
@@ -1104,7 +1106,7 @@ mod tests {
     fn a_gap_holds_the_channel_until_repaired() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 3);
+        attach_live(&hub, "c:x", a, 3);
         drain(&mut ra);
         assert!(!hub.deliver("c:x", numbered(4)).repair);
         let d = hub.deliver("c:x", numbered(7));
@@ -1126,7 +1128,7 @@ mod tests {
     fn a_failed_read_keeps_holding() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 1);
+        attach_live(&hub, "c:x", a, 1);
         drain(&mut ra);
         assert!(hub.deliver("c:x", numbered(3)).repair);
         hub.begin_repair("c:x").unwrap();
@@ -1144,8 +1146,8 @@ mod tests {
         let hub = Hub::with_hold_limit(2, 4 * one);
         let (a, mut ra) = subscriber(1, Codec::Json, 1024);
         let (b, mut rb) = subscriber(2, Codec::Json, 1024);
-        join_live(&hub, "c:a", a, 1);
-        join_live(&hub, "c:b", b, 1);
+        attach_live(&hub, "c:a", a, 1);
+        attach_live(&hub, "c:b", b, 1);
         drain(&mut ra);
         drain(&mut rb);
         // Gaps on both channels; each holds what arrives meanwhile.
@@ -1172,7 +1174,7 @@ mod tests {
     fn a_repair_given_up_tells_subscribers_and_delivers_what_was_held() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 1);
+        attach_live(&hub, "c:x", a, 1);
         drain(&mut ra);
         assert!(hub.deliver("c:x", numbered(4)).repair);
         assert!(!hub.deliver("c:x", numbered(5)).repair);
@@ -1195,7 +1197,7 @@ mod tests {
     fn a_lost_history_resets_subscribers() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 10);
+        attach_live(&hub, "c:x", a, 10);
         drain(&mut ra);
         // Redis came back empty: a new epoch starts at 1.
         assert!(hub.deliver("c:x", env(1, "e2", "1")).repair);
@@ -1220,13 +1222,13 @@ mod tests {
     }
 
     #[test]
-    fn a_join_read_older_than_the_channel_is_read_again() {
+    fn an_attach_read_older_than_the_channel_is_read_again() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
         let (b, mut rb) = subscriber(2, Codec::Json, 64);
-        hub.join(Arc::from("c:x"), a);
-        hub.join(Arc::from("c:x"), b);
-        let plain = |top, attempt| Join {
+        hub.attach(Arc::from("c:x"), a);
+        hub.attach(Arc::from("c:x"), b);
+        let plain = |top, attempt| Attach {
             id: None,
             since: None,
             send_entries: false,
@@ -1235,17 +1237,17 @@ mod tests {
         };
         // b read top 10, then 11..15 were published and a read top 15 and went first.
         assert_eq!(
-            hub.complete_join("c:x", 1, plain(15, 0)),
-            Joined::Live { recovered: None }
+            hub.complete_attach("c:x", 1, plain(15, 0)),
+            Attached::Live { recovered: None }
         );
-        assert_eq!(hub.complete_join("c:x", 2, plain(10, 0)), Joined::Stale);
+        assert_eq!(hub.complete_attach("c:x", 2, plain(10, 0)), Attached::Stale);
         // 11..15 reach the node now: a already has them in its position.
         for n in 11..=15 {
             hub.deliver("c:x", numbered(n));
         }
         assert_eq!(
-            hub.complete_join("c:x", 2, plain(15, 1)),
-            Joined::Live { recovered: None }
+            hub.complete_attach("c:x", 2, plain(15, 1)),
+            Attached::Live { recovered: None }
         );
         hub.deliver("c:x", numbered(16));
         assert_eq!(offsets(&drain(&mut ra)), vec![16]);
@@ -1265,11 +1267,11 @@ mod tests {
         for (top, kept) in [(8, 6..=8), (100, 3..=50)] {
             let hub = Hub::new(2);
             let (a, mut ra) = subscriber(1, Codec::Json, 64);
-            hub.join(Arc::from("c:x"), a);
-            let joined = complete(&hub, "c:x", 1, Some(&since), false, history(top, kept));
+            hub.attach(Arc::from("c:x"), a);
+            let attached = complete(&hub, "c:x", 1, Some(&since), false, history(top, kept));
             assert_eq!(
-                joined,
-                Joined::Live {
+                attached,
+                Attached::Live {
                     recovered: Some(false)
                 }
             );
@@ -1285,26 +1287,26 @@ mod tests {
         let hub = Hub::new(2);
         let (a, _ra) = subscriber(1, Codec::Json, 64);
         let (b, mut rb) = subscriber(2, Codec::Json, 64);
-        hub.join(Arc::from("c:x"), a);
-        hub.join(Arc::from("c:x"), b);
+        hub.attach(Arc::from("c:x"), a);
+        hub.attach(Arc::from("c:x"), b);
         complete(&hub, "c:x", 1, None, false, history(15, []));
         let since = Since {
             offset: 3,
             epoch: "e1".into(),
         };
-        let lagging = |attempt| Join {
+        let lagging = |attempt| Attach {
             id: None,
             since: Some(&since),
             send_entries: false,
             history: history(10, 4..=10),
             attempt,
         };
-        assert_eq!(hub.complete_join("c:x", 2, lagging(0)), Joined::Stale);
-        assert_eq!(hub.complete_join("c:x", 2, lagging(1)), Joined::Stale);
-        let last = hub.complete_join("c:x", 2, lagging(MAX_JOIN_READS - 1));
+        assert_eq!(hub.complete_attach("c:x", 2, lagging(0)), Attached::Stale);
+        assert_eq!(hub.complete_attach("c:x", 2, lagging(1)), Attached::Stale);
+        let last = hub.complete_attach("c:x", 2, lagging(MAX_ATTACH_READS - 1));
         assert_eq!(
             last,
-            Joined::Live {
+            Attached::Live {
                 recovered: Some(false)
             }
         );
@@ -1325,7 +1327,7 @@ mod tests {
     fn a_message_of_a_newer_epoch_held_after_the_read_is_kept() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 3);
+        attach_live(&hub, "c:x", a, 3);
         drain(&mut ra);
         assert!(hub.deliver("c:x", numbered(5)).repair);
         hub.begin_repair("c:x").unwrap();
@@ -1355,8 +1357,8 @@ mod tests {
     fn a_channel_without_history_still_detects_a_gap() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        // Joined before anything was published: no epoch yet.
-        hub.join(Arc::from("c:x"), a);
+        // Attached before anything was published: no epoch yet.
+        hub.attach(Arc::from("c:x"), a);
         complete(&hub, "c:x", 1, None, false, HistoryRead::default());
         drain(&mut ra);
         // Offsets 1 and 2 never arrived live.
@@ -1368,13 +1370,13 @@ mod tests {
     }
 
     #[test]
-    fn a_late_joiner_is_not_sent_what_it_read() {
+    fn a_late_attacher_is_not_sent_what_it_read() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
         let (b, mut rb) = subscriber(2, Codec::Json, 64);
-        join_live(&hub, "c:x", a, 3);
+        attach_live(&hub, "c:x", a, 3);
         // b read history up to 5 while 4 and 5 are still on their way to the node.
-        hub.join(Arc::from("c:x"), b);
+        hub.attach(Arc::from("c:x"), b);
         complete(&hub, "c:x", 2, None, true, history(5, 4..=5));
         for n in 4..=6 {
             hub.deliver("c:x", numbered(n));
@@ -1387,7 +1389,7 @@ mod tests {
     fn a_terminal_status_ends_job_subscriptions() {
         let hub = Hub::new(2);
         let (a, mut ra) = subscriber(1, Codec::Json, 64);
-        join_live(&hub, "job_progress:7", a, 0);
+        attach_live(&hub, "job_progress:7", a, 0);
         drain(&mut ra);
         hub.deliver("job_progress:7", env(1, "e1", r#"{"pct":50}"#));
         let d = hub.deliver("job_progress:7", env(2, "e1", r#"{"status":"succeeded"}"#));
@@ -1399,8 +1401,8 @@ mod tests {
         assert_eq!((hub.channels(), hub.subscriptions()), (0, 0));
         // A later subscriber gets the final state, then the same end.
         let (b, mut rb) = subscriber(2, Codec::Json, 64);
-        hub.join(Arc::from("job_progress:7"), b);
-        let joined = complete(
+        hub.attach(Arc::from("job_progress:7"), b);
+        let attached = complete(
             &hub,
             "job_progress:7",
             2,
@@ -1412,7 +1414,7 @@ mod tests {
                 entries: vec![env(2, "e1", r#"{"status":"succeeded"}"#)],
             },
         );
-        assert_eq!(joined, Joined::Ended);
+        assert_eq!(attached, Attached::Ended);
         let frames = drain(&mut rb);
         let types: Vec<_> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
         assert_eq!(types, ["subscribed", "message", "unsubscribed"]);

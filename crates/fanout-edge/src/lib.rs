@@ -37,14 +37,14 @@ mod outbox;
 mod positions;
 mod presence;
 mod ratelimit;
-mod recovery;
+mod repair;
 mod respond;
 mod rules;
 mod session;
 mod shared;
 mod sink;
-mod subscriptions;
 mod transport;
+mod upstream;
 mod wire;
 
 pub use config::{Args, ConfigError, Settings};
@@ -57,7 +57,7 @@ pub use node::{Node, NodeError};
 pub mod internals {
     pub use crate::broker::{Broker, HistoryRead};
     pub use crate::control::Control;
-    pub use crate::hub::{Hub, Join, Joined, Subscriber};
-    pub use crate::outbox::{Inbox, Outbox, QueueLimits};
+    pub use crate::hub::{Attach, Attached, Hub, Subscriber};
+    pub use crate::outbox::{Outbox, OutboxReader, QueueLimits};
     pub use crate::presence::Presence;
 }

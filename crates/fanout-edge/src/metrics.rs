@@ -287,7 +287,7 @@ fn describe() {
     describe_counter!(
         SUBSCRIPTIONS_REVOKED_TOTAL,
         Unit::Count,
-        "Subscriptions ended with `unsubscribed {reason:\"forbidden\"}` because a refreshed token no longer grants the channel."
+        "Upstream ended with `unsubscribed {reason:\"forbidden\"}` because a refreshed token no longer grants the channel."
     );
     describe_counter!(
         CONNECTIONS_REFUSED_TOTAL,

@@ -1,6 +1,7 @@
-//! The node owns everything: settings, hub, broker, subscriptions, the session registry
-//! and the shutdown token that every task's token descends from. [`Node::start`] binds
-//! the listener, connects the broker and runs the accept loop.
+//! The node owns everything: settings, hub, broker, its upstream (broker
+//! subscriptions), the session registry and the shutdown token that every task's token
+//! descends from. [`Node::start`] binds the listener, connects the broker and runs the
+//! accept loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,10 +19,10 @@ use crate::broker::{Broker, BrokerError, SharedSink};
 use crate::config::{BrokerSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics as m;
-use crate::recovery::{self, Repairs};
+use crate::repair::{self, Repairs};
 use crate::shared::{ControlMessage, Shared};
 use crate::sink::BrokerSink;
-use crate::subscriptions::{self, Subscriptions};
+use crate::upstream::{self, Upstream};
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -41,7 +42,7 @@ async fn hold_control_channel(shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let acquired = shared
-            .subscriptions
+            .upstream
             .acquire(Arc::from(crate::broker::CONTROL_CHANNEL));
         let result = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -138,12 +139,12 @@ impl Node {
             error,
         })?;
         let hub = Arc::new(Hub::with_hold_limit(64, settings.limits.repair_hold_bytes));
-        let (subscriptions, commands) = Subscriptions::channel();
+        let (upstream, commands) = Upstream::channel();
         let (repairs, repair_requests) = Repairs::channel();
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let sink: SharedSink = Arc::new(BrokerSink::new(
             hub.clone(),
-            subscriptions.clone(),
+            upstream.clone(),
             repairs.clone(),
             control_tx,
         ));
@@ -156,17 +157,17 @@ impl Node {
         let tracker = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
         let repair = repairs.clone();
-        tracker.spawn(subscriptions::run(
+        tracker.spawn(upstream::run(
             broker.clone(),
             commands,
             move |channel: &str| repair.request(channel),
             shutdown.clone(),
         ));
-        tracker.spawn(recovery::run(
+        tracker.spawn(repair::run(
             hub.clone(),
             broker.clone(),
             settings.clone(),
-            subscriptions.clone(),
+            upstream.clone(),
             repair_requests,
             shutdown.clone(),
         ));
@@ -175,7 +176,7 @@ impl Node {
             settings.clone(),
             hub,
             broker,
-            subscriptions,
+            upstream,
             presence,
             shutdown.clone(),
             metrics,
@@ -184,7 +185,7 @@ impl Node {
         // for its whole life (resubscribed after reconnects like any channel).
         // First attempt before serving, so that a started node is reachable at once.
         let control = Arc::from(crate::broker::CONTROL_CHANNEL);
-        if let Err(error) = shared.subscriptions.acquire(control).await {
+        if let Err(error) = shared.upstream.acquire(control).await {
             tracing::warn!(%error, "control channel not subscribed yet; retrying in the background");
             tracker.spawn(hold_control_channel(shared.clone()));
         }

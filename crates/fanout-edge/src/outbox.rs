@@ -1,9 +1,9 @@
 //! A connection's outbound queue: bounded in frames and in bytes. The hub pushes into
-//! an [`Outbox`] without ever waiting; the session's writer drains the matching
-//! [`Inbox`]. A push that would pass either bound marks the connection a slow consumer
-//! and closes it with 4009 — unless the message's channel conflates: then only its
-//! newest message is kept, in a side slot per channel that the writer sends once the
-//! queue has drained.
+//! an [`Outbox`] without ever waiting; the transport's writer drains the matching
+//! [`OutboxReader`]. A push that would pass either bound marks the connection a slow
+//! consumer and closes it with 4009 — unless the message's channel conflates: then
+//! only its newest message is kept, in a side slot per channel that the writer sends
+//! once the queue has drained.
 //!
 //! Messages the node replays on its own initiative (a `since` recovery, a gap repair)
 //! are not the client's fault: they go on top of the bound, within a separate replay
@@ -204,7 +204,7 @@ pub struct Outbox {
 }
 
 /// The writer's side.
-pub struct Inbox {
+pub struct OutboxReader {
     rx: mpsc::UnboundedReceiver<Item>,
     state: Arc<State>,
     /// Frames of a conflation slot being written.
@@ -220,7 +220,7 @@ enum Refused {
 }
 
 impl Outbox {
-    pub fn new(limits: QueueLimits, control: Arc<Control>) -> (Outbox, Inbox) {
+    pub fn new(limits: QueueLimits, control: Arc<Control>) -> (Outbox, OutboxReader) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             control,
@@ -244,7 +244,7 @@ impl Outbox {
                 tx,
                 state: state.clone(),
             },
-            Inbox {
+            OutboxReader {
                 rx,
                 state,
                 current: None,
@@ -324,7 +324,7 @@ impl Outbox {
         }
         if s.conflating.load(Ordering::Acquire) {
             let mut pending = s.pending();
-            // Re-checked under the lock: the Inbox's drop condemns the connection, then
+            // Re-checked under the lock: the reader's drop condemns the connection, then
             // empties the slots under it, and nothing may be added after.
             if s.slow.load(Ordering::Relaxed) {
                 return false;
@@ -478,7 +478,7 @@ impl Outbox {
     }
 }
 
-impl Inbox {
+impl OutboxReader {
     fn taken(&self, item: Item) -> Outgoing {
         let s = &self.state;
         let (frame, messages, bytes) = match item.into_parts() {
@@ -606,7 +606,7 @@ impl Inbox {
     }
 }
 
-impl Drop for Inbox {
+impl Drop for OutboxReader {
     fn drop(&mut self) {
         // Nothing can be queued any more; what was is released from the accounting.
         self.rx.close();
@@ -630,7 +630,7 @@ impl Drop for Inbox {
 mod tests {
     use super::*;
 
-    fn outbox(messages: usize, bytes: usize) -> (Outbox, Inbox) {
+    fn outbox(messages: usize, bytes: usize) -> (Outbox, OutboxReader) {
         let limits = QueueLimits {
             messages,
             bytes,

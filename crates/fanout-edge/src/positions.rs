@@ -78,9 +78,9 @@ pub fn check(position: Option<&Position>, offset: Option<u64>, epoch: Option<&st
     }
 }
 
-/// A join: whether a history read reaches `base`, what the node had dispatched when
-/// the subscriber joined (what it dispatched since waits for the subscriber). A read
-/// behind it — another epoch, or an older top (a lagging replica) — would leave the
+/// An attach (a subscriber joining a channel in the hub): whether a history read
+/// reaches `base`, what the node had dispatched when the subscriber attached (what it
+/// dispatched since waits for the subscriber). A read behind it — another epoch, or an older top (a lagging replica) — would leave the
 /// messages in between neither read nor sent: it is stale, and read again.
 pub fn reaches(base: &Position, read: Span<'_>) -> bool {
     base.continued_by(read.epoch) && base.offset <= read.top
@@ -104,7 +104,7 @@ pub fn continues(position: &Position, epoch: Option<&str>, top: u64, next: Optio
         && (top == position.offset || next == Some(position.offset + 1))
 }
 
-/// A message that waited during a join: whether the join's read already delivered it
+/// A message that waited during an attach: whether the attach's read already delivered it
 /// (same epoch, at or under the read's top), or it belongs to another stream than the
 /// one `subscribed` announced. Either way it is not sent.
 pub fn covered_or_foreign(epoch: Option<&str>, offset: Option<u64>, read: Span<'_>) -> bool {
@@ -159,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn a_join_read_must_reach_what_was_dispatched() {
+    fn an_attach_read_must_reach_what_was_dispatched() {
         let base = at("e1", 10);
         assert!(reaches(&base, span(Some("e1"), 10, 1..=10)));
         assert!(reaches(&base, span(Some("e1"), 12, 1..=12)));
@@ -245,7 +245,7 @@ mod tests {
             let replayed: Vec<u64> = entries.iter().copied().filter(|&o| o > since).collect();
             let complete = same_epoch && since <= top && replayed == (since + 1..=top).collect::<Vec<_>>();
             // The rule also wants the kept entries to start right after `since`, which
-            // the join relies on to send them whole (a read never keeps less than it
+            // the attach relies on to send them whole (a read never keeps less than it
             // was asked for, so `first > since + 1` means trimmed).
             let expect = complete && (since == top || entries.first() == Some(&(since + 1)));
             prop_assert_eq!(recovers(epoch, since, read), expect);

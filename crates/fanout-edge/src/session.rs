@@ -18,9 +18,9 @@ use tokio::time::{sleep_until, Instant};
 use crate::auth::{AuthError, Principal};
 use crate::broker::{HistoryQuery, MAX_HISTORY_READ};
 use crate::control::{Control, Side};
-use crate::hub::{Join, Joined, SessionId, Subscriber};
+use crate::hub::{Attach, Attached, SessionId, Subscriber};
 use crate::metrics as m;
-use crate::outbox::{Inbox, Outbox};
+use crate::outbox::{Outbox, OutboxReader};
 use crate::ratelimit::TokenBucket;
 use crate::rules::Grant;
 use crate::shared::{Admission, Refusal, Shared};
@@ -91,53 +91,53 @@ impl Channels {
 }
 
 /// A subscription being set up. Unless kept (it went live), dropping it gives back
-/// what it took — the hub's join and the broker reference — so that no exit path (an
+/// what it took — the hub's attach and the broker reference — so that no exit path (an
 /// error, the subscribe deadline, a panic while handling the frame, the connection
-/// closing meanwhile) can leave a joiner whose waiting list grows with every message,
+/// closing meanwhile) can leave an attacher whose waiting list grows with every message,
 /// or a broker subscription nobody releases.
 struct Setup<'a> {
     hub: &'a crate::hub::Hub,
-    subscriptions: &'a crate::subscriptions::Subscriptions,
+    upstream: &'a crate::upstream::Upstream,
     channel: Arc<str>,
     session: SessionId,
     /// The broker reference is held.
     acquired: bool,
-    /// The session joined the channel in the hub.
-    joined: bool,
+    /// The session attached the channel in the hub.
+    attached: bool,
 }
 
 impl<'a> Setup<'a> {
     fn new(
         hub: &'a crate::hub::Hub,
-        subscriptions: &'a crate::subscriptions::Subscriptions,
+        upstream: &'a crate::upstream::Upstream,
         channel: Arc<str>,
         session: SessionId,
     ) -> Setup<'a> {
         Setup {
             hub,
-            subscriptions,
+            upstream,
             channel,
             session,
             acquired: false,
-            joined: false,
+            attached: false,
         }
     }
 
     /// The subscription is live: the session owns it now.
     fn keep(mut self) {
         self.acquired = false;
-        self.joined = false;
+        self.attached = false;
     }
 }
 
 impl Drop for Setup<'_> {
     fn drop(&mut self) {
-        if self.joined {
-            // (Already gone from the hub if the join ended it: a finished job.)
+        if self.attached {
+            // (Already gone from the hub if the attach ended it: a finished job.)
             self.hub.remove(&self.channel, self.session);
         }
         if self.acquired {
-            self.subscriptions.release(self.channel.clone());
+            self.upstream.release(self.channel.clone());
         }
     }
 }
@@ -183,12 +183,12 @@ impl Due {
 impl Session {
     /// Opens a session on this node: registered (so that drain, shutdown and admin
     /// disconnects reach it), with its bounded outbox. The transport drains the
-    /// returned [`Inbox`].
+    /// returned [`OutboxReader`].
     pub(crate) fn open(
         shared: Arc<Shared>,
         codec: Codec,
         admission: Option<Admission>,
-    ) -> (Session, Inbox) {
+    ) -> (Session, OutboxReader) {
         let control = Arc::new(Control::new());
         let id = shared.open_session(control.clone());
         let (outbox, inbox) = Outbox::new(shared.settings.limits.queue(), control.clone());
@@ -473,7 +473,7 @@ impl Session {
                 id,
                 ErrorCode::LimitExceeded,
                 &format!(
-                    "at most {} subscriptions per connection",
+                    "at most {} upstream per connection",
                     shared.settings.limits.max_subscriptions
                 ),
             );
@@ -520,24 +520,24 @@ impl Session {
             (None, None) => HistoryQuery::Last(0),
         };
         let channel: Arc<str> = Arc::from(name);
-        // Undoes the broker reference and the hub's join on every way out short of a
+        // Undoes the broker reference and the hub's attach on every way out short of a
         // live subscription: an error, the deadline, a panic, the connection closing.
-        let mut setup = Setup::new(&shared.hub, &shared.subscriptions, channel.clone(), self.id);
+        let mut setup = Setup::new(&shared.hub, &shared.upstream, channel.clone(), self.id);
         let subscriber = Subscriber::new(self.id, self.codec, self.outbox.clone(), conflate);
         let deadline = shared.settings.limits.subscribe_timeout();
-        let joined = tokio::time::timeout(deadline, async {
+        let attached = tokio::time::timeout(deadline, async {
             shared
-                .subscriptions
+                .upstream
                 .acquire(channel.clone())
                 .await
                 .map_err(|e| e.to_string())?;
             setup.acquired = true;
-            // Joined before history is read: live messages that arrive meanwhile wait in
-            // the hub, and the join sends each message once, in order.
-            shared.hub.join(channel.clone(), subscriber);
-            setup.joined = true;
+            // Attached before history is read: live messages that arrive meanwhile wait in
+            // the hub, and the attach sends each message once, in order.
+            shared.hub.attach(channel.clone(), subscriber);
+            setup.attached = true;
             // A read older than what the node already dispatched is read again (see
-            // `Joined::Stale`).
+            // `Attached::Stale`).
             let mut attempt = 0;
             loop {
                 let history = shared
@@ -545,10 +545,10 @@ impl Session {
                     .history(name, query, start)
                     .await
                     .map_err(|e| format!("history read: {e}"))?;
-                match shared.hub.complete_join(
+                match shared.hub.complete_attach(
                     &channel,
                     self.id,
-                    Join {
+                    Attach {
                         id,
                         since,
                         send_entries: !matches!(query, HistoryQuery::Last(0)),
@@ -556,14 +556,14 @@ impl Session {
                         attempt,
                     },
                 ) {
-                    Joined::Stale => attempt += 1,
-                    joined => return Ok::<Joined, String>(joined),
+                    Attached::Stale => attempt += 1,
+                    attached => return Ok::<Attached, String>(attached),
                 }
             }
         })
         .await;
-        let joined = match joined {
-            Ok(Ok(joined)) => joined,
+        let attached = match attached {
+            Ok(Ok(attached)) => attached,
             Ok(Err(error)) => {
                 tracing::warn!(session = self.id, %channel, %error, "subscribe failed at the broker");
                 return self.fail(
@@ -586,11 +586,11 @@ impl Session {
                 );
             }
         };
-        if matches!(joined, Joined::Live { .. }) {
+        if matches!(attached, Attached::Live { .. }) {
             setup.keep();
         }
-        match joined {
-            Joined::Live { .. } => {
+        match attached {
+            Attached::Live { .. } => {
                 if presence {
                     let info = serde_json::json!({
                         "client": self.client.to_string(),
@@ -608,8 +608,8 @@ impl Session {
                 self.channels.insert(channel, token_exp);
             }
             // The reference is given back by `setup`.
-            Joined::Ended => metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1),
-            Joined::Gone | Joined::Stale => {}
+            Attached::Ended => metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(1),
+            Attached::Gone | Attached::Stale => {}
         }
         Ok(())
     }
@@ -626,7 +626,7 @@ impl Session {
             Some(channel) if self.shared.hub.remove(&channel, self.id) => {
                 // Nothing of it may follow the `unsubscribed` reply.
                 self.outbox.forget(&channel);
-                self.shared.subscriptions.release(channel);
+                self.shared.upstream.release(channel);
                 self.send(&ServerFrame::Unsubscribed {
                     id,
                     channel: name,
@@ -740,7 +740,7 @@ impl Session {
             metrics::counter!(m::SUBSCRIPTIONS_REVOKED_TOTAL).increment(1);
             // Nothing of it may follow the `unsubscribed` frame.
             self.outbox.forget(&channel);
-            self.shared.subscriptions.release(channel.clone());
+            self.shared.upstream.release(channel.clone());
             self.send(&ServerFrame::Unsubscribed {
                 id: None,
                 channel: &channel,
@@ -777,7 +777,7 @@ impl Session {
                 .presence
                 .leave(&channel, &self.client.to_string());
             if self.shared.hub.remove(&channel, self.id) {
-                self.shared.subscriptions.release(channel);
+                self.shared.upstream.release(channel);
             }
         }
         if self.principal.is_some() {
@@ -794,13 +794,13 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
-    fn a_panic_during_a_subscribe_leaves_no_join_and_no_broker_reference() {
+    fn a_panic_during_a_subscribe_leaves_no_attach_and_no_broker_reference() {
         use crate::control::Control;
         use crate::hub::{Hub, Subscriber};
         use crate::outbox::{Outbox, QueueLimits};
-        use crate::subscriptions::{Command, Subscriptions};
+        use crate::upstream::{Command, Upstream};
         let hub = Hub::new(4);
-        let (subscriptions, mut commands) = Subscriptions::channel();
+        let (upstream, mut commands) = Upstream::channel();
         let limits = QueueLimits {
             messages: 8,
             bytes: 1 << 20,
@@ -810,13 +810,13 @@ mod tests {
         let (outbox, _inbox) = Outbox::new(limits, Arc::new(Control::new()));
         let channel: Arc<str> = Arc::from("user:1");
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let mut setup = Setup::new(&hub, &subscriptions, channel.clone(), 7);
+            let mut setup = Setup::new(&hub, &upstream, channel.clone(), 7);
             setup.acquired = true;
-            hub.join(
+            hub.attach(
                 channel.clone(),
                 Subscriber::new(7, fanout_protocol::Codec::Json, outbox.clone(), false),
             );
-            setup.joined = true;
+            setup.attached = true;
             panic!("a bug while reading history");
         }));
         assert!(panicked.is_err());
@@ -827,10 +827,10 @@ mod tests {
             _ => panic!("the broker reference was not released"),
         }
         // A kept (live) subscription is left alone.
-        let mut setup = Setup::new(&hub, &subscriptions, channel.clone(), 8);
+        let mut setup = Setup::new(&hub, &upstream, channel.clone(), 8);
         setup.acquired = true;
-        setup.joined = true;
-        hub.join(
+        setup.attached = true;
+        hub.attach(
             channel.clone(),
             Subscriber::new(8, fanout_protocol::Codec::Json, outbox, false),
         );

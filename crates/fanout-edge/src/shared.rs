@@ -1,7 +1,7 @@
-//! What every task of the node shares ([`Shared`]): settings, hub, broker,
-//! subscriptions, presence, the shutdown token, the registry of open sessions and the
-//! connection limits ([`Admission`]). It owns no task and does no I/O of its own; the
-//! node builds it, the transports and the API read it.
+//! What every task of the node shares ([`Shared`]): settings, hub, broker, upstream
+//! (its broker subscriptions), presence, the shutdown token, the registry of open
+//! sessions and the connection limits ([`Admission`]). It owns no task and does no I/O
+//! of its own; the node builds it, the transports and the API read it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,7 +20,7 @@ use crate::hub::{Hub, SessionId};
 use crate::metrics as m;
 use crate::presence::Presence;
 use crate::ratelimit::UserBuckets;
-use crate::subscriptions::Subscriptions;
+use crate::upstream::Upstream;
 /// An open session: how to close it, and its user once authenticated.
 struct SessionEntry {
     control: Arc<Control>,
@@ -32,7 +32,7 @@ pub(crate) struct Shared {
     pub settings: Arc<Settings>,
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
-    pub subscriptions: Subscriptions,
+    pub upstream: Upstream,
     pub presence: Arc<Presence>,
     pub shutdown: CancellationToken,
     pub metrics: PrometheusHandle,
@@ -61,7 +61,7 @@ impl Shared {
         settings: Arc<Settings>,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
-        subscriptions: Subscriptions,
+        upstream: Upstream,
         presence: Arc<Presence>,
         shutdown: CancellationToken,
         metrics: PrometheusHandle,
@@ -74,7 +74,7 @@ impl Shared {
             settings,
             hub,
             broker,
-            subscriptions,
+            upstream,
             presence,
             shutdown,
             metrics,

@@ -9,28 +9,28 @@ use fanout_protocol::Envelope;
 use crate::broker::{Sink, CONTROL_CHANNEL};
 use crate::hub::Hub;
 use crate::metrics as m;
-use crate::subscriptions::Subscriptions;
+use crate::upstream::Upstream;
 
 /// The node's [`Sink`]: decodes each broker payload once and hands it to the hub;
 /// asks for resubscriptions and repairs when the broker reconnects or lags.
 #[derive(Clone)]
 pub struct BrokerSink {
     hub: Arc<Hub>,
-    subscriptions: Subscriptions,
-    repairs: crate::recovery::Repairs,
+    upstream: Upstream,
+    repairs: crate::repair::Repairs,
     control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl BrokerSink {
     pub(crate) fn new(
         hub: Arc<Hub>,
-        subscriptions: Subscriptions,
-        repairs: crate::recovery::Repairs,
+        upstream: Upstream,
+        repairs: crate::repair::Repairs,
         control: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
     ) -> BrokerSink {
         BrokerSink {
             hub,
-            subscriptions,
+            upstream,
             repairs,
             control,
         }
@@ -57,7 +57,7 @@ impl Sink for BrokerSink {
 
     /// The broker connection came back: every channel must be subscribed again.
     fn reconnected(&self) {
-        self.subscriptions.resubscribe();
+        self.upstream.resubscribe();
     }
 
     /// Messages were skipped between the broker connection and this node: every
@@ -77,7 +77,7 @@ impl BrokerSink {
         metrics::histogram!(m::PUBSUB_LAG_SECONDS)
             .record(now.saturating_sub(envelope.ts) as f64 / 1000.0);
         let d = self.hub.deliver(channel, Arc::new(envelope));
-        crate::recovery::account(&self.subscriptions, channel, &d);
+        crate::repair::account(&self.upstream, channel, &d);
         if d.repair {
             self.repairs.request(channel);
         }

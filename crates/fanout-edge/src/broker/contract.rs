@@ -284,7 +284,7 @@ async fn subscribes_a_batch_and_unsubscribes_one_of_it(broker: &dyn Broker, sink
     assert_silent(broker, sink, b).await;
 }
 
-/// The broker does not count references (the node's `Subscriptions` task does): a
+/// The broker does not count references (the node's `Upstream` task does): a
 /// channel subscribed several times, in separate calls or twice in one, delivers each
 /// message once, and one unsubscribe ends it.
 async fn subscribing_twice_delivers_once_and_one_unsubscribe_ends_it(
@@ -860,7 +860,7 @@ async fn redis_cluster_broker_keeps_the_contract() {
 
 /// A restarted Redis (no persistence: it forgets subscriptions and history) makes the
 /// broker not ready, then ready again with `reconnected()` on the sink; subscribed
-/// again, as the node's subscriptions task does then, channels deliver again.
+/// again, as the node's upstream task does then, channels deliver again.
 #[tokio::test]
 async fn redis_broker_resubscribes_after_a_restart() {
     let mut redis = RedisServer::start().expect("redis-server");

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::{Control, Side};
 use crate::metrics as m;
-use crate::outbox::{Inbox, Kind, Outgoing};
+use crate::outbox::{Kind, OutboxReader, Outgoing};
 use crate::respond::{
     bearer, cors, error_json, origin_allowed, principal, query_params, query_token, Body, Conn,
     Refused,
@@ -295,7 +295,7 @@ async fn run(
 
 /// The response body of an event stream: the session's outbox, as events.
 pub(crate) struct SseBody {
-    inbox: Inbox,
+    inbox: OutboxReader,
     control: Arc<Control>,
     channels: Arc<[Arc<str>]>,
     positions: Positions,

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AuthError, Principal};
 use crate::control::{Control, Side};
 use crate::metrics as m;
-use crate::outbox::{Inbox, Kind, Outgoing};
+use crate::outbox::{Kind, OutboxReader, Outgoing};
 use crate::respond::{bearer, json, origin_allowed, query_token, Body};
 use crate::session::Session;
 use crate::shared::{Admission, Refusal, Shared};
@@ -366,7 +366,7 @@ async fn read_loop(session: &mut Session, input: &mut Input) {
 #[allow(clippy::manual_async_fn)]
 fn write_loop(
     mut out: Output,
-    mut outbox: Inbox,
+    mut outbox: OutboxReader,
     control: Arc<Control>,
     codec: Codec,
     stall: Duration,
@@ -518,7 +518,7 @@ async fn within(
 /// connection's task carries none of them.
 fn burst_now(
     out: &mut Output,
-    outbox: &mut Inbox,
+    outbox: &mut OutboxReader,
     first: Outgoing,
     codec: Codec,
 ) -> std::io::Result<()> {

@@ -17,7 +17,7 @@ use crate::broker::{Broker, HistoryQuery};
 use crate::config::Settings;
 use crate::hub::{Delivery, Hub};
 use crate::metrics as m;
-use crate::subscriptions::Subscriptions;
+use crate::upstream::Upstream;
 
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
@@ -41,7 +41,7 @@ impl Repairs {
 
 /// Books what a delivery or a repair did: metrics, and the broker references of
 /// subscriptions that ended (finished jobs).
-pub(crate) fn account(subscriptions: &Subscriptions, channel: &str, d: &Delivery) {
+pub(crate) fn account(upstream: &Upstream, channel: &str, d: &Delivery) {
     if d.queued > 0 {
         metrics::counter!(m::DELIVERIES_TOTAL).increment(d.queued as u64);
     }
@@ -55,7 +55,7 @@ pub(crate) fn account(subscriptions: &Subscriptions, channel: &str, d: &Delivery
         metrics::counter!(m::JOBS_COMPLETED_TOTAL).increment(d.ended as u64);
         let channel: Arc<str> = Arc::from(channel);
         for _ in 0..d.ended {
-            subscriptions.release(channel.clone());
+            upstream.release(channel.clone());
         }
     }
 }
@@ -65,7 +65,7 @@ pub(crate) async fn run(
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     settings: Arc<Settings>,
-    subscriptions: Subscriptions,
+    upstream: Upstream,
     mut rx: mpsc::UnboundedReceiver<Arc<str>>,
     stop: CancellationToken,
 ) {
@@ -89,11 +89,11 @@ pub(crate) async fn run(
             }
             running.insert(channel.clone(), false);
         }
-        let (hub, broker, settings, subscriptions, running, stop) = (
+        let (hub, broker, settings, upstream, running, stop) = (
             hub.clone(),
             broker.clone(),
             settings.clone(),
-            subscriptions.clone(),
+            upstream.clone(),
             running.clone(),
             stop.clone(),
         );
@@ -101,7 +101,7 @@ pub(crate) async fn run(
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = repair(&hub, broker.as_ref(), &settings, &subscriptions, &channel) => {}
+                    _ = repair(&hub, broker.as_ref(), &settings, &upstream, &channel) => {}
                 }
                 let mut running = running.lock().unwrap_or_else(PoisonError::into_inner);
                 let again = running
@@ -125,7 +125,7 @@ async fn repair(
     hub: &Hub,
     broker: &dyn Broker,
     settings: &Settings,
-    subscriptions: &Subscriptions,
+    upstream: &Upstream,
     channel: &str,
 ) {
     // History lost (Redis restarted empty): the channel starts again at a new epoch, so
@@ -171,7 +171,7 @@ async fn repair(
                     "gap repair given up: history unreadable for {} s; subscribers told recovered:false",
                     settings.limits.repair_timeout().as_secs()
                 );
-                account(subscriptions, channel, &d);
+                account(upstream, channel, &d);
                 if !d.repair {
                     return;
                 }
@@ -191,7 +191,7 @@ async fn repair(
                 "gap repair"
             );
         }
-        account(subscriptions, channel, &d);
+        account(upstream, channel, &d);
         if !d.repair {
             return;
         }
