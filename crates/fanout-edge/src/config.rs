@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, env = "FANOUT_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
     /// redis://, rediss://, redis-cluster://h1:p1,h2:p2 (sharded pub/sub),
-    /// redis-sentinel://s1:p1,s2:p2/<service>; unset = the
+    /// redis-sentinel://s1:p1,s2:p2/SERVICE; unset = the
     /// embedded in-memory broker (single node).
     #[arg(long, env = "FANOUT_REDIS_URL")]
     pub redis_url: Option<String>,

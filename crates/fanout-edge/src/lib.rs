@@ -1,24 +1,39 @@
 //! # fanout-edge
 //!
-//! The edge node: terminates WebSockets (hyper 1 + fastwebsockets), authenticates
-//! clients with JWT, subscribes to the broker (Redis via `fred`, or the embedded
-//! in-memory broker) once per channel, and fans each message out to local sockets.
+//! The edge node: terminates WebSockets (hyper 1 + fastwebsockets) and Server-Sent
+//! Events, authenticates clients with JWT, subscribes to the broker (Redis via `fred`,
+//! or the embedded in-memory broker) once per channel, and fans each message out to
+//! local clients.
 //!
-//! The data path, top to bottom: broker message → the node's broker sink decodes it once
-//! → [`hub::Hub`] finds the local subscribers → the frame, encoded once per codec, goes
-//! into each session's bounded [`hub::Outbox`] → the session's writer batches it onto
-//! the socket.
+//! The data path, top to bottom: broker message → the node's broker sink decodes it
+//! once → the hub finds the local subscribers → the frame, encoded once per codec, goes
+//! into each session's bounded outbox → the transport's writer batches it onto the
+//! socket (or the event stream). `docs/architecture.md` draws it.
 //!
-//! ```no_run
-//! # async fn run() -> anyhow::Result<()> {
+//! The public surface is what an embedder needs: [`Node`] (start, addresses, drain,
+//! shutdown), its [`Settings`] (built from [`Args`], the binary's flags and environment
+//! variables), [`NodeError`], [`ConfigError`], and [`auth`] (to mint or check tokens the
+//! way the node does).
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use clap::Parser;
 //! use fanout_edge::{Args, Node, Settings};
 //!
-//! let settings = Settings::from_args(Args::parse_from(["fanout-edge", "--listen", "127.0.0.1:0"]))?;
-//! let node = Node::start(settings).await?;
-//! println!("clients connect to {}", node.ws_url());
-//! node.shutdown().await;
-//! # Ok(()) }
+//! // The same flags and environment variables as the `fanout-edge` binary; no
+//! // `--redis-url`: the embedded broker.
+//! let args = Args::parse_from([
+//!     "fanout-edge",
+//!     "--listen", "127.0.0.1:0",
+//!     "--jwt-secret", "a-secret-of-at-least-32-bytes-0123456789",
+//! ]);
+//! let node = Node::start(Settings::from_args(args)?).await?;
+//! println!("clients connect to {} or {}/sse", node.ws_url(), node.http_url());
+//! assert_eq!(node.connections(), 0);
+//! // Closes every connection with 1001 over the window, then stops.
+//! node.drain(std::time::Duration::ZERO).await;
+//! # Ok::<(), anyhow::Error>(())
+//! # }).unwrap();
 //! ```
 
 mod api;

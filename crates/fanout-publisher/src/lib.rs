@@ -26,22 +26,27 @@
 //! `fanout_publish_retries_total` and `fanout_publish_duplicates_total` (the
 //! [`metric_names`]).
 //!
-//! ```no_run
-//! # async fn run() -> Result<(), fanout_publisher::PublishError> {
+//! ```
+//! # // A real redis-server on a free port (the test kit's), not 6379.
+//! # let redis = fanout_testkit::RedisServer::start().expect("redis-server");
+//! # let url = redis.url();
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use fanout_publisher::{JobStatus, Publisher};
 //!
-//! let publisher = Publisher::connect("redis://127.0.0.1:6379").await?;
+//! let publisher = Publisher::connect(&url).await?; // e.g. "redis://127.0.0.1:6379"
 //! publisher.job_progress("7", 40.0, Some("enriching rows")).await?;
 //! let ack = publisher
 //!     .publish("user:42", "notification", &serde_json::json!({"text": "export ready"}))
 //!     .await?;
+//! assert_eq!(ack.offset, 1);
 //! println!("offset {} in epoch {}", ack.offset, ack.epoch);
 //! publisher.job_completed("7", JobStatus::Succeeded, &serde_json::json!({"rows": 1200})).await?;
 //!
 //! // In a job loop: never blocks, never fails the job; drops are counted.
 //! let handle = publisher.background(1024);
 //! handle.job_progress("8", 10.0, None);
-//! # Ok(()) }
+//! # Ok::<(), fanout_publisher::PublishError>(())
+//! # }).unwrap();
 //! ```
 
 mod background;

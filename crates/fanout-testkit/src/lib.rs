@@ -3,13 +3,14 @@
 //! Real parts for tests: [`RedisServer`] starts a `redis-server` process on a free
 //! loopback port in its own temporary directory and kills it on drop (never port 6379);
 //! [`WsClient`] is a WebSocket client (tokio-tungstenite, independent of the server's
-//! fastwebsockets) with assertions that name what they expected.
+//! fastwebsockets) and [`SseClient`] an event-stream client, with assertions that name
+//! what they expected.
 //!
-//! ```no_run
-//! # async fn run() {
+//! ```
 //! let redis = fanout_testkit::RedisServer::start().expect("redis-server");
+//! assert_ne!(redis.port(), 6379);
 //! assert_eq!(redis.cli(&["PING"]).unwrap(), "PONG");
-//! # }
+//! // Killed, and its directory removed, when dropped.
 //! ```
 
 mod cluster;
