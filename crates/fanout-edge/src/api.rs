@@ -1,4 +1,4 @@
-//! The server API (contract §4): `Authorization: Bearer <admin token>`, JSON in and out.
+//! The server API (docs/protocol.md, "Server API"): `Authorization: Bearer <admin token>`, JSON in and out.
 //! Errors are `{"error":{"code":…,"message":…}}` with the code's HTTP status. Request
 //! bodies are size-limited.
 

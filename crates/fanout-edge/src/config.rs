@@ -1,4 +1,4 @@
-//! One configuration: command-line flags with environment variables (contract §3) plus
+//! One configuration: command-line flags with environment variables (docs/operations.md) plus
 //! an optional TOML file for limits and namespaces, validated at start into
 //! [`Settings`]. Bad configuration is a [`ConfigError`] that names the setting; nothing
 //! else in the crate reads the environment.
@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::auth::{Auth, AuthConfigError};
 use crate::rules::{Namespace, Namespaces, PublishRule, SubscribeRule};
 
-/// Command line and environment (contract §3).
+/// Command line and environment (every flag has an environment variable).
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "fanout-edge",

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The `code` of an `{"type":"error"}` frame (contract §5).
+/// The `code` of an `{"type":"error"}` frame (docs/protocol.md, "Error codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -48,7 +48,7 @@ impl ErrorCode {
     }
 }
 
-/// WebSocket close codes (contract §5). `reconnect()` says whether a well-behaved client
+/// WebSocket close codes (docs/protocol.md, "Close codes"). `reconnect()` says whether a well-behaved client
 /// should reconnect after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]

@@ -1,4 +1,4 @@
-//! Client and server frames (contract §5). Client frames are decoded into
+//! Client and server frames (docs/protocol.md). Client frames are decoded into
 //! [`ClientFrame`]; server frames are built as [`ServerFrame`] and encoded by a
 //! [`Codec`](crate::Codec). The `message` frame of the hot path is encoded from an
 //! [`Envelope`](crate::Envelope) instead, once per message.
