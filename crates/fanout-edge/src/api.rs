@@ -1,6 +1,6 @@
-//! The server API (docs/protocol.md, "Server API"): `Authorization: Bearer <admin token>`, JSON in and out.
-//! Errors are `{"error":{"code":…,"message":…}}` with the code's HTTP status. Request
-//! bodies are size-limited.
+//! The server API (docs/protocol.md, "Server API"): `Authorization: Bearer <admin
+//! token>`, JSON in and out. Errors are `{"error":{"code":…,"message":…}}` with the
+//! code's HTTP status. Request bodies are size-limited.
 
 use std::sync::Arc;
 

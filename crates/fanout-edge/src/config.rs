@@ -1,7 +1,7 @@
-//! One configuration: command-line flags with environment variables (docs/operations.md) plus
-//! an optional TOML file for limits and namespaces, validated at start into
-//! [`Settings`]. Bad configuration is a [`ConfigError`] that names the setting; nothing
-//! else in the crate reads the environment.
+//! One configuration: command-line flags with environment variables
+//! (docs/operations.md) plus an optional TOML file for limits and namespaces, validated
+//! at start into [`Settings`]. Bad configuration is a [`ConfigError`] that names the
+//! setting; nothing else in the crate reads the environment.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

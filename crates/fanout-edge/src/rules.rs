@@ -1,7 +1,8 @@
-//! Channel rules (docs/protocol.md, "Channels and permissions"): who may subscribe to and publish on a channel, and what
-//! each namespace keeps. `user:<id>` belongs to its owner; `job_progress:<id>` needs the
-//! `channels` claim or a subscription token; other namespaces come from the config file;
-//! an unknown namespace is refused unless the token's `channels` claim names it.
+//! Channel rules (docs/protocol.md, "Channels and permissions"): who may subscribe to
+//! and publish on a channel, and what each namespace keeps. `user:<id>` belongs to its
+//! owner; `job_progress:<id>` needs the `channels` claim or a subscription token; other
+//! namespaces come from the config file; an unknown namespace is refused unless the
+//! token's `channels` claim names it.
 
 use std::collections::HashMap;
 use std::time::Duration;

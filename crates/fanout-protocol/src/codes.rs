@@ -48,8 +48,8 @@ impl ErrorCode {
     }
 }
 
-/// WebSocket close codes (docs/protocol.md, "Close codes"). `reconnect()` says whether a well-behaved client
-/// should reconnect after it.
+/// WebSocket close codes (docs/protocol.md, "Close codes"). `reconnect()` says whether
+/// a well-behaved client should reconnect after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum CloseCode {
