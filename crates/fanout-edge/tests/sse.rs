@@ -370,6 +370,26 @@ async fn a_stalled_reader_is_closed_and_other_streams_are_unaffected() {
 }
 
 #[tokio::test]
+async fn a_reader_that_goes_away_ends_its_session() {
+    let cfg = config_file(&format!("{CFG}[limits]\nping_interval_secs = 1\n"));
+    let node = start(None, &["--config", cfg.to_str().unwrap()]).await;
+    let t = token("u1", &[]);
+    let mut s = sse(&node, &format!("channel=room:gone&token={t}"), &[]).await;
+    next_of(&mut s, "connected").await;
+    next_of(&mut s, "subscribed").await;
+    assert_eq!(stats(&node).await["node"]["connections"], 1);
+    drop(s);
+    // Found at the next heartbeat at the latest: the connection, its subscription and
+    // its slot are given back.
+    eventually("the session of a vanished reader ended", || async {
+        let v = stats(&node).await;
+        v["node"]["connections"] == 0 && v["node"]["subscriptions"] == 0
+    })
+    .await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn client_publish_obeys_the_namespace_rule() {
     let cfg = config_file(&format!(
         "{CFG}[limits]\nmessages_per_second = 1\nmessage_burst = 12\nmax_message_size = 1024\n"

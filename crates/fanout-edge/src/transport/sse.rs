@@ -362,6 +362,13 @@ impl hyper::body::Body for SseBody {
     }
 }
 
+impl Drop for SseBody {
+    /// The response is gone (the client went away, or it ended): so is the session.
+    fn drop(&mut self) {
+        self.control.abort();
+    }
+}
+
 impl SseBody {
     /// Writes one outgoing frame as an event.
     fn event(&mut self, o: &Outgoing, out: &mut Vec<u8>) {
