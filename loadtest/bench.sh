@@ -4,7 +4,9 @@
 # (JSON) and latency plot (SVG) to the results directory.
 #
 #   loadtest/bench.sh [SCENARIO...]     default: all of them
-#       broadcast per-user job-progress churn idle idle-shared cluster cluster-light
+#       broadcast broadcast-sse per-user job-progress churn idle idle-sse idle-shared
+#       cluster cluster-light
+# (`-sse`: the same run as without, its clients on Server-Sent Events, not WebSockets)
 #
 # Environment: FANOUT_BENCH_OUT (default .tmp/bench), FANOUT_BENCH_DURATION (10),
 # FANOUT_BENCH_EDGE (an edge binary to measure instead of this tree's, for A/B runs).
@@ -68,14 +70,17 @@ run() {
 common() { echo --url "ws://127.0.0.1:$EDGE_PORT/ws" --server-pid "$EDGE_PID"; }
 
 scenarios=("$@")
-[ ${#scenarios[@]} -eq 0 ] && scenarios=(broadcast per-user job-progress churn idle idle-shared cluster cluster-light)
+[ ${#scenarios[@]} -eq 0 ] && scenarios=(broadcast broadcast-sse per-user job-progress churn idle idle-sse
+  idle-shared cluster cluster-light)
 for s in "${scenarios[@]}"; do
   case $s in
-  broadcast)
+  broadcast | broadcast-sse)
     fresh
+    transport=ws
+    [ "$s" = broadcast-sse ] && transport=sse
     # shellcheck disable=SC2046
-    run broadcast broadcast $(common) --redis-url "redis://127.0.0.1:$REDIS_PORT" \
-      --clients 2000 --rate 200 --duration "$DURATION"
+    run "$s" broadcast $(common) --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+      --clients 2000 --rate 200 --duration "$DURATION" --transport "$transport"
     ;;
   per-user)
     fresh
@@ -94,10 +99,12 @@ for s in "${scenarios[@]}"; do
     # shellcheck disable=SC2046
     run churn churn $(common) --rate 500 --clients 1000 --duration "$DURATION"
     ;;
-  idle)
+  idle | idle-sse)
     fresh
+    transport=ws
+    [ "$s" = idle-sse ] && transport=sse
     # shellcheck disable=SC2046
-    run idle idle $(common) --clients 10000 --duration 5
+    run "$s" idle $(common) --clients 10000 --duration 5 --transport "$transport"
     ;;
   idle-shared)
     fresh

@@ -1,5 +1,7 @@
 //! One load-test client: connects (from a spread of loopback source addresses),
-//! subscribes, then counts, orders and times every message it receives.
+//! subscribes, then counts, orders and times every message it receives. The
+//! accounting of a frame ([`account`]) is the transport's: a WebSocket text frame here,
+//! an event's `data` in [`crate::sse`].
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -20,6 +22,8 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
+
+use crate::{sse, Transport};
 
 pub type Ws = FragmentCollector<TokioIo<Upgraded>>;
 
@@ -68,8 +72,31 @@ impl Target {
         })
     }
 
+    /// `host:port`, for the `Host` header.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The event-stream path beside the WebSocket one (`…/ws` → `…/sse`, the query
+    /// kept), so that a prefix a load balancer routes on stays the same.
+    pub fn sse_path(&self) -> anyhow::Result<String> {
+        let rest = self.url.strip_prefix("ws://").unwrap_or(&self.url);
+        let path = rest.find('/').map_or("/", |at| &rest[at..]);
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let Some(prefix) = path.strip_suffix("/ws") else {
+            bail!("with --transport sse, --url must end in /ws (streams are opened at …/sse)");
+        };
+        Ok(match query {
+            Some(q) => format!("{prefix}/sse?{q}"),
+            None => format!("{prefix}/sse"),
+        })
+    }
+
     /// Opens a TCP connection; on loopback from 127.0.0.(2 + i mod sources).
-    async fn tcp(&self, i: usize) -> anyhow::Result<tokio::net::TcpStream> {
+    pub(crate) async fn tcp(&self, i: usize) -> anyhow::Result<tokio::net::TcpStream> {
         let socket = if self.addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -122,6 +149,40 @@ impl Target {
             .body(Empty::<Bytes>::new())?;
         let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
         Ok(FragmentCollector::new(ws))
+    }
+}
+
+/// A client connected and subscribed over one transport or the other.
+pub enum Subscribed {
+    Ws(Ws),
+    Sse(sse::Stream),
+}
+
+/// Connects client `i` with `token` over `transport` and subscribes it to `channel`.
+pub async fn open(
+    target: &Target,
+    transport: Transport,
+    i: usize,
+    token: &str,
+    channel: &str,
+) -> anyhow::Result<Subscribed> {
+    Ok(match transport {
+        Transport::Ws => {
+            let mut ws = target.connect(i, token).await?;
+            subscribe(&mut ws, channel).await?;
+            Subscribed::Ws(ws)
+        }
+        Transport::Sse => Subscribed::Sse(sse::open(target, i, token, channel).await?),
+    })
+}
+
+impl Subscribed {
+    /// Receives until `stop`; see [`receive`].
+    pub async fn receive(self, i: usize, shared: Arc<Shared>, stop: CancellationToken) -> Seen {
+        match self {
+            Subscribed::Ws(ws) => receive(ws, i, shared, stop).await,
+            Subscribed::Sse(stream) => stream.receive(i, shared, stop).await,
+        }
     }
 }
 
@@ -300,8 +361,39 @@ pub struct Seen {
     pub closed: Option<String>,
 }
 
-/// Reads until `stop` (or the connection ends), tracking each message's `seq` and
-/// recording publish → receive latency for each message that carries its send time.
+/// Accounts one server frame (its JSON) that client `i` received at `now` (µs): a
+/// message's `seq` is tracked and its publish → receive latency recorded when it
+/// carries its send time; a job's end and an error are noted.
+pub fn account(json: &[u8], now: u64, i: usize, shared: &Shared, seen: &mut Seen) {
+    let Ok(f) = serde_json::from_slice::<Incoming<'_>>(json) else {
+        return;
+    };
+    match f.kind {
+        "message" => {
+            let data = f.data.unwrap_or(Data {
+                seq: None,
+                sent_us: None,
+            });
+            seen.numbers.see(data.seq);
+            seen.received += 1;
+            shared.delivered.fetch_add(1, Ordering::Relaxed);
+            if let Some(sent) = data.sent_us.or(f.ts.map(|ms| ms * 1000)) {
+                shared.record(i, now.saturating_sub(sent));
+            }
+        }
+        "unsubscribed" if f.reason == Some("completed") => {
+            seen.completed = true;
+            shared.completed.fetch_add(1, Ordering::Relaxed);
+        }
+        "error" => {
+            seen.closed
+                .get_or_insert(format!("error frame: {}", f.code.unwrap_or("?")));
+        }
+        _ => {}
+    }
+}
+
+/// Reads until `stop` (or the connection ends), accounting every text frame.
 pub async fn receive(mut ws: Ws, i: usize, shared: Arc<Shared>, stop: CancellationToken) -> Seen {
     let mut seen = Seen::default();
     loop {
@@ -318,35 +410,7 @@ pub async fn receive(mut ws: Ws, i: usize, shared: Arc<Shared>, stop: Cancellati
             }
         };
         match frame.opcode {
-            OpCode::Text => {
-                let now = now_us();
-                let Ok(f) = serde_json::from_slice::<Incoming<'_>>(&frame.payload) else {
-                    continue;
-                };
-                match f.kind {
-                    "message" => {
-                        let data = f.data.unwrap_or(Data {
-                            seq: None,
-                            sent_us: None,
-                        });
-                        seen.numbers.see(data.seq);
-                        seen.received += 1;
-                        shared.delivered.fetch_add(1, Ordering::Relaxed);
-                        if let Some(sent) = data.sent_us.or(f.ts.map(|ms| ms * 1000)) {
-                            shared.record(i, now.saturating_sub(sent));
-                        }
-                    }
-                    "unsubscribed" if f.reason == Some("completed") => {
-                        seen.completed = true;
-                        shared.completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    "error" => {
-                        seen.closed
-                            .get_or_insert(format!("error frame: {}", f.code.unwrap_or("?")));
-                    }
-                    _ => {}
-                }
-            }
+            OpCode::Text => account(&frame.payload, now_us(), i, &shared, &mut seen),
             OpCode::Close => {
                 seen.closed = Some(format!("closed: {}", close_reason(&frame.payload)));
                 return seen;

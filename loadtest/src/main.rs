@@ -12,6 +12,10 @@
 //! - `idle`: C connected, authenticated, subscribed clients held for a while: connect
 //!   time and server memory per connection.
 //!
+//! `--transport sse` (broadcast, idle) has each client open an event stream
+//! (`GET /sse?channel=…`, beside the WebSocket `--url`) instead of a WebSocket; its
+//! messages are counted and timed the same way.
+//!
 //! Every run is bounded: durations are capped, every wait has a deadline, and the whole
 //! run has a hard time limit. Tokens are minted here (HS256, `--jwt-secret`). Clients
 //! connect from 127.0.0.2–127.0.0.9 when the target is on loopback, so that 10k+
@@ -21,12 +25,13 @@ mod client;
 mod publish;
 mod report;
 mod scenario;
+mod sse;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "fanout-loadtest", version, about)]
@@ -124,6 +129,25 @@ pub struct Common {
     /// Write the latency distribution here (SVG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// How clients connect: WebSocket, or Server-Sent Events at the `/sse` beside
+    /// --url's `/ws` (broadcast and idle only).
+    #[arg(long, value_enum, default_value_t = Transport::Ws)]
+    pub transport: Transport,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -161,6 +185,16 @@ impl Common {
         }
         if self.grace > 120 {
             bail!("--grace must be at most 120 seconds");
+        }
+        Ok(())
+    }
+
+    /// For the scenarios that have no event-stream clients.
+    fn ws_only(&self, scenario: &str) -> anyhow::Result<()> {
+        if self.transport == Transport::Sse {
+            bail!(
+                "--transport sse is for broadcast and idle; {scenario} runs over WebSockets only"
+            );
         }
         Ok(())
     }
@@ -206,6 +240,7 @@ fn main() -> anyhow::Result<()> {
                 (common, Box::pin(run) as scenario::Run)
             }
             Scenario::PerUser { common, publish } => {
+                common.ws_only("per-user")?;
                 publish.check()?;
                 let run = scenario::per_user(common.clone(), publish);
                 (common, Box::pin(run) as scenario::Run)
@@ -216,6 +251,7 @@ fn main() -> anyhow::Result<()> {
                 watchers,
                 interval_ms,
             } => {
+                common.ws_only("job-progress")?;
                 publish.check()?;
                 if watchers == 0 || watchers > common.clients {
                     bail!("--watchers must be 1..=--clients");
@@ -231,6 +267,7 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 channel,
             } => {
+                common.ws_only("churn")?;
                 if rate == 0 || rate > 100_000 {
                     bail!("--rate must be 1..=100000 cycles per second");
                 }

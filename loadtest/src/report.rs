@@ -140,6 +140,7 @@ impl Report {
         let mut j = json!({
             "scenario": scenario,
             "url": common.url,
+            "transport": common.transport.name(),
             "clients": common.clients,
             "duration_seconds": common.duration,
             "connect_seconds": connect_time.as_secs_f64(),
@@ -186,6 +187,7 @@ impl Report {
         for (label, key) in [
             ("scenario", "scenario"),
             ("url", "url"),
+            ("transport", "transport"),
             ("clients", "clients"),
             ("jobs", "jobs"),
             ("rate (per second)", "rate_per_second"),
@@ -300,8 +302,9 @@ impl Report {
         let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
         let title = format!(
-            "fanout-loadtest {} — {} clients — latency publish → receive",
+            "fanout-loadtest {} ({}) — {} clients — latency publish → receive",
             self.json["scenario"].as_str().unwrap_or(""),
+            self.json["transport"].as_str().unwrap_or("ws"),
             self.json["clients"]
         );
         let mut chart = ChartBuilder::on(&root)

@@ -1,6 +1,7 @@
 //! Runs the real `fanout-loadtest` binary, briefly, in every scenario against an edge
-//! on a real Redis: the tool works end to end, counts what it should, and at this small
-//! scale nothing is lost, repeated or reordered.
+//! on a real Redis (over WebSockets, and over event streams where the scenario has
+//! them): the tool works end to end, counts what it should, and at this small scale
+//! nothing is lost, repeated or reordered.
 
 use clap::Parser;
 use fanout_edge::{Args, Node, Settings};
@@ -208,6 +209,55 @@ async fn churn_and_idle_on_the_embedded_broker() {
 }
 
 #[tokio::test]
+async fn broadcast_and_idle_over_event_streams() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(Some(&redis)).await;
+    let r = run(
+        &node,
+        &[
+            "broadcast",
+            "--transport",
+            "sse",
+            "--redis-url",
+            &redis.url(),
+            "--clients",
+            "50",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(r["transport"], "sse", "{r}");
+    assert_eq!(r["clients"], 50, "{r}");
+    assert_eq!(r["published"], 100, "{r}");
+    assert_no_loss(&r, 5000);
+    // No stream ended early: every client read until it was told to stop.
+    assert_eq!(r["clients_short"], 0, "{r}");
+    assert_eq!(r["client_errors"], serde_json::json!([]), "{r}");
+
+    let r = run(
+        &node,
+        &[
+            "idle",
+            "--transport",
+            "sse",
+            "--clients",
+            "200",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(r["transport"], "sse", "{r}");
+    assert_eq!(r["still_connected_at_end"], 200, "{r}");
+    assert_eq!(r["dropped_while_idle"], 0, "{r}");
+    assert!(r["server_rss_bytes_per_connection"].is_number(), "{r}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_with_a_clear_error() {
     let bin = env!("CARGO_BIN_EXE_fanout-loadtest");
     for (args, needle) in [
@@ -231,6 +281,30 @@ async fn bad_input_is_refused_with_a_clear_error() {
         (
             &["idle", "--jwt-secret", "s", "--url", "http://x:1/ws"][..],
             "--url must be ws://",
+        ),
+        (
+            &[
+                "per-user",
+                "--jwt-secret",
+                "s",
+                "--transport",
+                "sse",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+            ][..],
+            "--transport sse is for broadcast and idle",
+        ),
+        (
+            &[
+                "idle",
+                "--jwt-secret",
+                "s",
+                "--transport",
+                "sse",
+                "--url",
+                "ws://127.0.0.1:1/socket",
+            ][..],
+            "--url must end in /ws",
         ),
     ] {
         let out = tokio::process::Command::new(bin)
@@ -263,5 +337,27 @@ async fn bad_input_is_refused_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("3 of 3 clients could not connect"), "{err}");
     assert!(err.contains("4001"), "{err}");
+    // Over event streams the refusal is an HTTP status, and the run says so too.
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "idle",
+            "--transport",
+            "sse",
+            "--url",
+            &node.ws_url(),
+            "--jwt-secret",
+            "not-the-secret-0123456789",
+            "--clients",
+            "3",
+            "--duration",
+            "1",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 of 3 clients could not connect"), "{err}");
+    assert!(err.contains("HTTP 401"), "{err}");
     node.shutdown().await;
 }
