@@ -316,48 +316,34 @@ async fn bad_input_is_refused_with_a_clear_error() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    // A token the edge refuses: the run fails, saying why.
+    // A token the edge refuses: the run fails, saying why — a close code over
+    // WebSockets, an HTTP status over event streams.
     let node = edge(None).await;
-    let out = tokio::process::Command::new(bin)
-        .args([
-            "idle",
-            "--url",
-            &node.ws_url(),
-            "--jwt-secret",
-            "not-the-secret-0123456789",
-            "--clients",
-            "3",
-            "--duration",
-            "1",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("3 of 3 clients could not connect"), "{err}");
-    assert!(err.contains("4001"), "{err}");
-    // Over event streams the refusal is an HTTP status, and the run says so too.
-    let out = tokio::process::Command::new(bin)
-        .args([
-            "idle",
-            "--transport",
-            "sse",
-            "--url",
-            &node.ws_url(),
-            "--jwt-secret",
-            "not-the-secret-0123456789",
-            "--clients",
-            "3",
-            "--duration",
-            "1",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("3 of 3 clients could not connect"), "{err}");
-    assert!(err.contains("HTTP 401"), "{err}");
+    for (transport, why) in [("ws", "4001"), ("sse", "HTTP 401")] {
+        let out = tokio::process::Command::new(bin)
+            .args([
+                "idle",
+                "--transport",
+                transport,
+                "--url",
+                &node.ws_url(),
+                "--jwt-secret",
+                "not-the-secret-0123456789",
+                "--clients",
+                "3",
+                "--duration",
+                "1",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{transport}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("3 of 3 clients could not connect"),
+            "{transport}: {err}"
+        );
+        assert!(err.contains(why), "{transport}: {err}");
+    }
     node.shutdown().await;
 }
