@@ -233,7 +233,7 @@ export class Fanout {
     this.authRetried = false;
     this.lastSeen = this.lastPing = this.lastTick = Date.now();
     clearInterval(this.tick);
-    this.tick = setInterval(() => this.heartbeat(), 1000);
+    this.tick = setInterval(() => this.heartbeat(), Math.min(1000, this.pingMs));
     this.scheduleRefresh();
     if (this.kind === "websocket") {
       this.wsWorked = true;
@@ -248,28 +248,27 @@ export class Fanout {
   /** A connection (or stream) ended: reconnect as its code says, or stop. */
   private onClose(code: number, reason: string, opened: boolean): void {
     const connected = this.st === "connected";
+    let action = closeAction(code);
+    if (this.kind === "sse" && action === "stop" && code === 4003 && this.dropRefused(reason)) action = "soon";
+    // A token refused again (expired or bad) before the connection got through is one
+    // getToken cannot fix.
+    const stop = action === "stop" || (action.startsWith("token") && (!this.o.getToken || this.authRetried));
+    if (stop) return this.terminate(code, reason, true);
     this.drop();
     if (!this.want) return;
+    const info = { code, reason };
     if (this.kind === "websocket" && !this.wsWorked && !connected && (!opened || code === 1006)) {
       // The upgrade is refused or cut (a proxy that does not pass WebSockets): after
       // two such failures in a row, the event stream.
       if (++this.wsFailures >= 2 && this.transports.includes("sse")) {
         this.kind = "sse";
         this.attempts = 0;
-        return this.retry(0, { code, reason });
+        return this.retry(0, info);
       }
     }
-    let action = closeAction(code);
-    if (this.kind === "sse" && action === "stop" && code === 4003 && this.dropRefused(reason)) action = "soon";
-    const info = { code, reason };
     switch (action) {
-      case "stop":
-        return this.terminate(code, reason, true);
       case "token_once":
       case "token":
-        // A token refused again (expired or bad) before the connection got through
-        // is one getToken cannot fix.
-        if (!this.o.getToken || this.authRetried) return this.terminate(code, reason, true);
         this.authRetried = true;
         this.needToken = true;
         return this.retry(soon() / 4, info);
@@ -312,6 +311,7 @@ export class Fanout {
     this.streamKey = "";
     t?.close();
     this.stopTimers();
+    for (const sub of this.subs.values()) if (sub.state === "subscribed") sub.state = "subscribing";
     for (const p of this.pending.values()) {
       clearTimeout(p.timer);
       p.rej?.(err);

@@ -9,6 +9,7 @@
 import { FanoutError } from "./errors.js";
 import type { Frame, Message, Position, SubscribeOptions } from "./types.js";
 
+/** `subscribing` until the server confirms, and again while the connection is down; `ended` for good. */
 export type SubscriptionState = "subscribing" | "subscribed" | "ended";
 
 /** Calls an app callback; what it throws is reported instead of breaking the client. */
@@ -23,6 +24,7 @@ export class Subscription<T = unknown> {
   /** The `since` of the subscribe in flight. */
   private asked: Position | null = null;
 
+  /** @internal Made by `client.subscribe()`. */
   constructor(
     readonly channel: string,
     private readonly opts: SubscribeOptions<T>,
@@ -37,7 +39,7 @@ export class Subscription<T = unknown> {
     this.detach(this, true);
   }
 
-  /** What to subscribe with now: `since` once there is a position, else the options' `since`/`last`. */
+  /** @internal What to subscribe with now: `since` once there is a position, else the options' `since`/`last`. */
   request(): { since?: Position; last?: number; token?: string } {
     this.state = "subscribing";
     const since = this.position ?? this.opts.since ?? null;
@@ -49,7 +51,7 @@ export class Subscription<T = unknown> {
     return r;
   }
 
-  /** A `subscribed` frame: the answer to our subscribe, or (when already subscribed) a position reset. */
+  /** @internal A `subscribed` frame: the answer to our subscribe, or (when already subscribed) a position reset. */
   subscribed(f: Frame): void {
     if (this.state === "ended") return;
     const pos: Position = { offset: f.offset, epoch: f.epoch };
@@ -76,7 +78,7 @@ export class Subscription<T = unknown> {
     this.guard(() => this.opts.onReset?.(pos));
   }
 
-  /** A `message` frame; returns whether it was delivered. */
+  /** @internal A `message` frame; returns whether it was delivered. */
   message(f: Frame): boolean {
     if (this.state !== "subscribed") return false;
     const m: Message<T> = { channel: this.channel, data: f.data };
@@ -96,7 +98,7 @@ export class Subscription<T = unknown> {
     return true;
   }
 
-  /** The server ended it (`completed`, `forbidden`, …) or refused it (`error`). */
+  /** @internal The server ended it (`completed`, `forbidden`, …) or refused it (`error`). */
   end(reason: string, message?: string): void {
     if (this.state === "ended") return;
     this.state = "ended";
@@ -105,7 +107,7 @@ export class Subscription<T = unknown> {
     else this.fail(new FanoutError(reason, message || `${this.channel}: ${reason}`));
   }
 
-  /** Reports an error without ending it (e.g. a subscribe refused for now, to be retried). */
+  /** @internal Reports an error without ending it (e.g. a subscribe refused for now, to be retried). */
   fail(err: FanoutError): void {
     this.guard(() => this.opts.onError?.(err));
   }

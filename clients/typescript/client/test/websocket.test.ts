@@ -34,6 +34,24 @@ describe("websocket transport against fanout-edge", () => {
     expect(rec.messages.length).toBe(30);
   });
 
+  it("starts from `last` N, or from a job's latest state", async () => {
+    const edge = await Edge.start();
+    for (let i = 1; i <= 5; i++) await edge.publish("chat:hist", i);
+    for (let i = 1; i <= 3; i++) await edge.publish("job_progress:9", { pct: i * 10 });
+    const c = client({ url: edge.url, token: mint("u9", 3600, { channels: ["job_progress:9"] }) });
+    const hist = new Recorder();
+    const job = new Recorder();
+    c.subscribe("chat:hist", { last: 2, ...hist.handlers });
+    c.subscribe("job_progress:9", job.handlers);
+    c.connect();
+    await until(() => hist.messages.length === 2 && job.messages.length === 1);
+    expect(hist.offsets).toEqual([4, 5]);
+    expect(job.data).toEqual([{ pct: 30 }]);
+    await edge.publish("job_progress:9", { status: "failed" });
+    await until(() => job.completed === 1);
+    expect(job.data).toEqual([{ pct: 30 }, { status: "failed" }]);
+  });
+
   it("publishes with a reply of offset and epoch, and rejects what the edge refuses", async () => {
     const edge = await Edge.start();
     const c = client({ url: edge.url, token: mint("u2") });
@@ -61,8 +79,8 @@ describe("websocket transport against fanout-edge", () => {
       const r = await c.presence("chat:here");
       return r.clients.length ? r : null;
     });
-    expect(p.channel).toBe("chat:here");
-    expect(p.clients[0]).toMatchObject({ user: "u3", node: `edge-${edge.port}` });
+    expect(p!.channel).toBe("chat:here");
+    expect(p!.clients[0]).toMatchObject({ user: "u3", node: `edge-${edge.port}` });
     expect((await c.presence("user:u3").catch((e) => e)).code).toBe("bad_request");
   });
 
@@ -126,8 +144,7 @@ describe("websocket transport against fanout-edge", () => {
     // No reconnect.
     await sleep(1000);
     expect(c.state).toBe("closed");
-    const stats = await fetch(`${edge.http}/api/stats`, { headers: { authorization: "Bearer test-admin-token-0123456789" } });
-    expect((await stats.json()).node.connections).toBe(0);
+    expect((await edge.api("/api/stats")).node.connections).toBe(0);
     expect((await c.publish("chat:x", 1).catch((e) => e)).code).toBe("closed");
   });
 

@@ -5,6 +5,7 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
+import { request } from "node:http";
 import { createHmac } from "node:crypto";
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
@@ -100,7 +101,7 @@ export class Edge {
     const args = ["--listen", `127.0.0.1:${this.port}`, "--jwt-secret", SECRET, "--admin-token", ADMIN];
     args.push("--config", cfg, "--drain-secs", "0", "--node-id", `edge-${this.port}`);
     if (this.redisUrl) args.push("--redis-url", this.redisUrl);
-    const env = { ...process.env, FANOUT_LOG: "warn" };
+    const env: NodeJS.ProcessEnv = { ...process.env, FANOUT_LOG: "warn" };
     delete env.FANOUT_JWT_SECRET;
     delete env.FANOUT_ADMIN_TOKEN;
     this.proc = spawn(EDGE_BIN, args, { stdio: ["ignore", "pipe", "pipe"], env });
@@ -112,7 +113,7 @@ export class Edge {
       async () => {
         if (proc.exitCode !== null) throw new Error(`fanout-edge exited (${proc.exitCode}):\n${this.log}`);
         try {
-          return (await fetch(`${this.http}/readyz`)).ok;
+          return (await httpJson("GET", `${this.http}/readyz`)).status === 200;
         } catch {
           return false;
         }
@@ -127,20 +128,44 @@ export class Edge {
     await kill(this.proc);
   }
 
-  async api(path: string, body: unknown): Promise<any> {
-    const r = await fetch(this.http + path, {
-      method: "POST",
-      headers: { authorization: `Bearer ${ADMIN}`, "content-type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    const json = await r.json();
-    if (!r.ok) throw new Error(`${path}: ${r.status} ${JSON.stringify(json)}`);
-    return json;
+  async api(path: string, body?: unknown): Promise<any> {
+    const r = await httpJson(body === undefined ? "GET" : "POST", this.http + path, body, ADMIN);
+    if (r.status !== 200) throw new Error(`${path}: ${r.status} ${JSON.stringify(r.body)}`);
+    return r.body;
   }
 
   publish(channel: string, data: unknown, event?: string): Promise<{ offset: number; epoch: string }> {
     return this.api("/api/publish", event ? { channel, data, event } : { channel, data });
   }
+}
+
+/**
+ * One HTTP request without keep-alive: an idle pooled connection (as `fetch` keeps
+ * for 4 s) would hold up the edge's graceful shutdown, which waits for its
+ * connections.
+ */
+export function httpJson(method: string, url: string, body?: unknown, token?: string): Promise<{ status: number; body: any }> {
+  return new Promise((ok, fail) => {
+    const headers: Record<string, string> = { connection: "close" };
+    if (token) headers.authorization = `Bearer ${token}`;
+    if (body !== undefined) headers["content-type"] = "application/json";
+    const req = request(url, { method, headers, agent: false }, (res) => {
+      let text = "";
+      res.setEncoding("utf8");
+      res.on("data", (d) => (text += d));
+      res.on("end", () => {
+        let json: unknown = text;
+        try {
+          json = JSON.parse(text);
+        } catch {
+          // Not JSON: kept as text.
+        }
+        ok({ status: res.statusCode ?? 0, body: json });
+      });
+    });
+    req.on("error", fail);
+    req.end(body === undefined ? undefined : JSON.stringify(body));
+  });
 }
 
 export async function kill(p: ChildProcess | undefined, signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
