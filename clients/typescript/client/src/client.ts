@@ -286,11 +286,13 @@ export class Fanout {
    * subscribe C"): that subscription ends with an error and the others carry on.
    */
   private dropRefused(reason: string): boolean {
+    // The channel named as a whole word (channel names are [A-Za-z0-9_.:@=+/|-]).
+    const name = /[\w.:@=+/|-]/;
     let found: Subscription<any> | undefined;
     for (const s of this.subs.values()) {
       const i = reason.indexOf(s.channel);
-      const next = reason[i + s.channel.length];
-      if (i >= 0 && !(next && /[\w.:@=+/|-]/.test(next)) && (!found || s.channel.length > found.channel.length)) found = s;
+      const [before, after] = [reason[i - 1], reason[i + s.channel.length]];
+      if (i >= 0 && !(before && name.test(before)) && !(after && name.test(after))) found = s;
     }
     found?.end("forbidden", reason);
     return !!found;
