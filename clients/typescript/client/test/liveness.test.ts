@@ -30,10 +30,9 @@ describe("liveness", () => {
     await until(() => c.state === "connected");
     await sleep(1600);
     expect(fake.last.frames.filter((f) => f.type === "ping").length).toBeGreaterThanOrEqual(2);
-    fake.silent = true; // no pong, no frame: a half-open connection
+    fake.last.silent = true; // no pong, no frame: a half-open connection
     const seen = states(c);
     await until(() => seen.includes("disconnected"), 9000, "dead connection found");
-    fake.silent = false;
     await until(() => c.state === "connected" && fake.conns.length === 2, 3000);
   });
 });
@@ -71,7 +70,7 @@ describe("browser events", () => {
     doc.visibilityState = "hidden";
     doc.dispatchEvent(new Event("visibilitychange"));
     vi.restoreAllMocks();
-    fake.silent = true; // a connection that died meanwhile
+    fake.last.silent = true; // a connection that died meanwhile
     const t0 = Date.now();
     doc.visibilityState = "visible";
     doc.dispatchEvent(new Event("visibilitychange"));
@@ -79,7 +78,6 @@ describe("browser events", () => {
     await until(() => fake.last.frames.filter((f) => f.type === "ping").length >= 1, 1000, "a probe ping");
     await until(() => c.state !== "connected", 8000, "the dead connection found");
     expect(Date.now() - t0).toBeLessThan(7000);
-    fake.silent = false;
     await until(() => c.state === "connected" && fake.conns.length === 2, 3000, "replaced");
   });
 

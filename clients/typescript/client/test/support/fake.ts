@@ -11,6 +11,8 @@ import type { AddressInfo } from "node:net";
 export interface FakeConn {
   ws: WebSocket;
   frames: any[];
+  /** Answers nothing (a half-open connection); frames are still recorded. */
+  silent: boolean;
   send(f: object): void;
   close(code: number, reason?: string): void;
 }
@@ -24,7 +26,6 @@ export class FakeEdge {
   offsets = new Map<string, number>();
   /** Answers a frame (after the defaults, unless it returns true to replace them). */
   onFrame: (c: FakeConn, f: any) => boolean | void = () => {};
-  silent = false;
 
   private constructor(server: WebSocketServer) {
     this.server = server;
@@ -32,6 +33,7 @@ export class FakeEdge {
       const c: FakeConn = {
         ws,
         frames: [],
+        silent: false,
         send: (f) => ws.send(JSON.stringify(f)),
         close: (code, reason = "") => ws.close(code, reason),
       };
@@ -39,7 +41,7 @@ export class FakeEdge {
       ws.on("message", (d) => {
         const f = JSON.parse(String(d));
         c.frames.push(f);
-        if (this.silent || this.onFrame(c, f)) return;
+        if (c.silent || this.onFrame(c, f)) return;
         if (f.type === "auth") {
           this.tokens.push(f.token);
           c.send({ type: "connected", client: `c${this.conns.length}`, node: "fake", user: "1", ping_interval: this.pingInterval });
