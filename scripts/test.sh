@@ -11,7 +11,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 needs=(
   redis-server:redis-server redis-cli:redis-tools haproxy:haproxy
   nginx:nginx-light promtool:prometheus yamllint:yamllint shellcheck:shellcheck curl:curl
-  valgrind:valgrind
+  valgrind:valgrind chromium:chromium npm:npm
 )
 missing=()
 for pair in "${needs[@]}"; do
@@ -38,7 +38,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$rc" -eq 0 ] || { echo "test.sh: apt-get install failed" >&2; exit "$rc"; }
 fi
 # Tests start their own redis-server / haproxy processes on free loopback ports; no
-# system service is needed (and 6379 is never used).
+# system service is needed (and 6379 is never used). The browser tests drive Debian's
+# chromium (never a downloaded browser build).
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-features --no-fail-fast "$@"
@@ -66,3 +67,15 @@ valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=defini
 target_dir=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-$target_dir/debug/fanout-edge}" scripts/validate-deploy.sh
+
+# The TypeScript SDK and React hooks: unit tests, tests against the edge built above, and
+# the browser tests (real Chromium, three edges behind HAProxy, real Redis). Packages
+# come from the committed lockfile.
+(
+  cd clients/typescript
+  npm ci --no-audit --no-fund
+  npm run build
+  npm run typecheck
+  FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-$target_dir/debug/fanout-edge}" \
+    FANOUT_BIN_DIR="${FANOUT_BIN_DIR:-$target_dir/debug}" npm test
+)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use fanout_protocol::ErrorCode;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, AUTHORIZATION, ORIGIN};
+use hyper::header::{AUTHORIZATION, ORIGIN};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 use crate::auth::Principal;
 use crate::metrics as m;
 use crate::respond::{
-    bearer, cors, error_json, json, origin_allowed, principal, query_param, read_json, Body,
-    Refused,
+    bearer, cors, error_json, json, origin_allowed, preflight, principal, query_param, read_json,
+    Body, Refused,
 };
 use crate::rules::Refusal;
 use crate::shared::Shared;
@@ -76,24 +76,6 @@ pub(crate) async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Respo
     metrics::counter!(m::CLIENT_HTTP_REQUESTS_TOTAL, "endpoint" => endpoint, "status" => response.status().as_str().to_string())
         .increment(1);
     response
-}
-
-/// The answer to a browser's CORS preflight.
-fn preflight() -> Response<Body> {
-    let mut r = json(StatusCode::NO_CONTENT, &serde_json::Value::Null);
-    *r.body_mut() = Body::default();
-    let h = r.headers_mut();
-    h.remove(hyper::header::CONTENT_TYPE);
-    h.insert(
-        "access-control-allow-methods",
-        HeaderValue::from_static("GET, POST, OPTIONS"),
-    );
-    h.insert(
-        "access-control-allow-headers",
-        HeaderValue::from_static("authorization, content-type"),
-    );
-    h.insert("access-control-max-age", HeaderValue::from_static("600"));
-    r
 }
 
 /// The request's user, from its token, if its rate limit lets it through.

@@ -77,6 +77,8 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, conn: Conn) -> Respo
             conn.peer,
         )),
         (&Method::GET, "/sse") => crate::transport::sse::stream(req, shared, conn),
+        // A page on another origin sends its token in a header: the browser asks first.
+        (&Method::OPTIONS, "/sse") => full(crate::transport::sse::preflight(&req, &shared)),
         (&Method::GET, "/healthz") => {
             full(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
         }

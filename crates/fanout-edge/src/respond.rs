@@ -158,6 +158,24 @@ pub(crate) fn cors(headers: &mut HeaderMap, shared: &Shared, origin: Option<&str
     }
 }
 
+/// The answer to a browser's CORS preflight.
+pub(crate) fn preflight() -> Response<Body> {
+    let mut r = json(StatusCode::NO_CONTENT, &serde_json::Value::Null);
+    *r.body_mut() = Body::default();
+    let h = r.headers_mut();
+    h.remove(hyper::header::CONTENT_TYPE);
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("authorization, content-type, last-event-id"),
+    );
+    h.insert("access-control-max-age", HeaderValue::from_static("600"));
+    r
+}
+
 /// Every percent-decoded, non-empty value of `name` in a query string, in order.
 pub(crate) fn query_params(query: Option<&str>, name: &str) -> Vec<String> {
     query

@@ -524,13 +524,12 @@ export class Fanout {
 
   /** An HTTP command of the event-stream transport; a 401 gets one new token and one more try. */
   private async http<T>(path: string, body?: unknown): Promise<T> {
-    const f = this.o.fetch ?? fetch;
     try {
-      return await command<T>(f, this.base + path, this.token, this.timeout, body);
+      return await command<T>(this.fetchFn(), this.base + path, this.token, this.timeout, body);
     } catch (e) {
       if ((e as FanoutError).status !== 401 || !this.o.getToken) throw e;
       this.token = (await this.o.getToken()) || this.token;
-      return command<T>(f, this.base + path, this.token, this.timeout, body);
+      return command<T>(this.fetchFn(), this.base + path, this.token, this.timeout, body);
     }
   }
 
@@ -628,8 +627,14 @@ export class Fanout {
     this.transport = new SseTransport(
       this.base,
       { channels: list.map((s) => s.channel), lastEventId, token: this.token },
-      this.o.fetch ?? fetch,
+      this.fetchFn(),
       this.handlers(),
     );
+  }
+
+  /** The fetch to use. The global one is wrapped: browsers refuse it called as another
+   *  object's method ("Illegal invocation"), which is how a transport holds it. */
+  private fetchFn(): typeof fetch {
+    return this.o.fetch ?? ((input, init) => fetch(input, init));
   }
 }

@@ -79,6 +79,25 @@ pub(crate) fn stream(
     response
 }
 
+/// `OPTIONS /sse`: the CORS preflight of a page on an allowed origin (403 for others).
+pub(crate) fn preflight(req: &Request<Incoming>, shared: &Shared) -> Response<Body> {
+    let origin = req
+        .headers()
+        .get(hyper::header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    let mut response = if origin_allowed(shared, origin) {
+        crate::respond::preflight()
+    } else {
+        error_json(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "origin not allowed",
+        )
+    };
+    cors(response.headers_mut(), shared, origin);
+    response
+}
+
 fn refused(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Refused {
     (status, code, message.into())
 }
