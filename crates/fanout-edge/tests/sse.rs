@@ -571,3 +571,42 @@ async fn read_until(
         "no {needle} in {seen}"
     );
 }
+
+/// A browser page on another origin asks before it sends its token in a header.
+#[tokio::test]
+async fn the_cors_preflight_admits_allowed_origins_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = start(None, &["--allowed-origins", "https://app.example"]).await;
+    let preflight = |origin: &'static str| {
+        let addr = node.local_addr();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "OPTIONS /sse?channel=user:1 HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
+                 Access-Control-Request-Method: GET\r\n\
+                 Access-Control-Request-Headers: authorization, last-event-id\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out.to_ascii_lowercase()
+        }
+    };
+    let ok = preflight("https://app.example").await;
+    assert!(ok.starts_with("http/1.1 204"), "{ok}");
+    assert!(
+        ok.contains("access-control-allow-origin: https://app.example"),
+        "{ok}"
+    );
+    assert!(
+        ok.contains("access-control-allow-headers: authorization, content-type, last-event-id"),
+        "{ok}"
+    );
+    let refused = preflight("https://evil.example").await;
+    assert!(refused.starts_with("http/1.1 403"), "{refused}");
+    assert!(
+        !refused.contains("access-control-allow-origin"),
+        "{refused}"
+    );
+    node.shutdown().await;
+}
