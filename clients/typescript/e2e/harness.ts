@@ -51,7 +51,7 @@ function settings(file: string): Record<string, string> {
 }
 
 /** Starts Redis, three edges (drain window `drainSecs`) and HAProxy. */
-export async function startCluster(drainSecs = 1): Promise<Cluster> {
+export async function startCluster(drainSecs = 1, config?: string): Promise<Cluster> {
   const dir = mkdtempSync(path.join(tmpdir(), "fanout-e2e-"));
   const binDir = process.env.FANOUT_BIN_DIR ?? path.join(ROOT, "target/debug");
   if (!existsSync(path.join(binDir, "fanout-edge"))) {
@@ -69,6 +69,7 @@ export async function startCluster(drainSecs = 1): Promise<Cluster> {
       FANOUT_EDGE_PORTS: `${ports[0]} ${ports[1]} ${ports[2]}`,
       FANOUT_LB_PORT: String(ports[3]),
       FANOUT_LB_STATS_PORT: String(ports[4]),
+      ...(config ? { FANOUT_CONFIG: config } : {}),
     },
     stdio: ["ignore", "ignore", "inherit"],
   });
@@ -241,4 +242,21 @@ export async function startNoUpgradeProxy(target: number): Promise<{ port: numbe
 export function artifactsDir(): string {
   mkdirSync(ARTIFACTS, { recursive: true });
   return ARTIFACTS;
+}
+
+/** The demo's backend (`demo/server.mjs`) in front of `cluster`'s load balancer. */
+export async function startDemo(c: Cluster): Promise<{ origin: string; stop: () => void }> {
+  const port = await freePort();
+  const child = spawn(process.execPath, [path.join(ROOT, "clients/typescript/demo/server.mjs")], {
+    env: {
+      ...process.env,
+      FANOUT_URL: `http://127.0.0.1:${c.lbPort}`,
+      FANOUT_JWT_SECRET: c.secret,
+      FANOUT_ADMIN_TOKEN: c.admin,
+      PORT: String(port),
+    },
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  await waitUntil("the demo server", () => reachable(port));
+  return { origin: `http://127.0.0.1:${port}`, stop: () => child.kill("SIGKILL") };
 }
