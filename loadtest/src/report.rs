@@ -505,6 +505,18 @@ fn plot_storm(p: &StormPlot, j: &Value, path: &Path) -> anyhow::Result<()> {
         ))
         .y_desc(format!("connects per {} ms", p.window_ms))
         .draw()?;
+    // Upgrades that a node refused at once (a draining one answers 1001) show as the
+    // gap between this line and the nodes' connects.
+    chart
+        .draw_series(LineSeries::new(
+            p.upgrades
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as f64 * w, *c as f64)),
+            BLACK.mix(0.35).stroke_width(1),
+        ))?
+        .label("upgrades, refused ones included")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.35)));
     for (k, (name, s)) in p.connected.iter().enumerate() {
         let color = colors[k % colors.len()];
         chart
@@ -519,10 +531,10 @@ fn plot_storm(p: &StormPlot, j: &Value, path: &Path) -> anyhow::Result<()> {
         chart
             .draw_series(LineSeries::new(
                 vec![(*at, 0.0), (*at, y_max)],
-                BLACK.mix(0.5).stroke_width(1),
+                BLACK.stroke_width(2),
             ))?
             .label(format!("{name} at {at:.1} s"))
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
     }
     chart
         .configure_series_labels()

@@ -999,6 +999,8 @@ pub async fn storm(common: Common, opts: PublishOpts, storm: StormOpts) -> anyho
         plot.connected
             .push((name.clone(), series(&ctx.timeline.connected[k])));
     }
+    // By name, so that a node has the same colour in every run.
+    plot.connected.sort_by(|a, b| a.0.cmp(&b.0));
     plot.upgrades = series(&ctx.timeline.upgrades);
     let mut event_json = Vec::new();
     for (e, ev) in events.iter().enumerate() {
