@@ -5,11 +5,16 @@
 #
 #   loadtest/bench.sh [SCENARIO...]     default: all of them
 #       broadcast broadcast-sse per-user job-progress churn idle idle-sse idle-shared
-#       cluster cluster-light
-# (`-sse`: the same run as without, its clients on Server-Sent Events, not WebSockets)
+#       cluster cluster-light storm storm-nojitter
+# (`-sse`: the same run as without, its clients on Server-Sent Events, not WebSockets;
+# `storm`: the local cluster, clients through HAProxy; one edge drained at T+5 s, another
+# killed at T+15 s; `-nojitter`: the same with fixed reconnect delays. Not in the
+# default set: it kills an edge; run it by name.)
 #
 # Environment: FANOUT_BENCH_OUT (default .tmp/bench), FANOUT_BENCH_DURATION (10),
-# FANOUT_BENCH_EDGE (an edge binary to measure instead of this tree's, for A/B runs).
+# FANOUT_BENCH_EDGE (an edge binary to measure instead of this tree's, for A/B runs),
+# FANOUT_BENCH_STORM_CLIENTS (storm clients, default 9900: HAProxy's own connection
+# limit under this machine's 20,000 open files is 9,989 client connections).
 # Everything listens on 127.0.0.1; every run is bounded by the load generator's own
 # limits. `cluster` needs haproxy (scripts/local-cluster.sh starts 3 edges behind it).
 set -euo pipefail
@@ -130,6 +135,35 @@ for s in "${scenarios[@]}"; do
       --redis-url "$FANOUT_REDIS_URL" "${load[@]}" --duration "$DURATION"
     after=$(awk '{print $14 + $15}' "/proc/$lb/stat")
     awk -v a="$after" -v b="$before" 'BEGIN { printf "haproxy CPU (connect + load) %.2f s\n", (a - b) / 100 }'
+    scripts/local-cluster.sh stop >/dev/null
+    CLUSTER=""
+    ;;
+  storm | storm-nojitter)
+    cleanup
+    export FANOUT_JWT_SECRET=$SECRET FANOUT_ADMIN_TOKEN=$ADMIN
+    export FANOUT_CLUSTER_DIR=$OUT/cluster FANOUT_DRAIN_SECS=2
+    # The local cluster runs FANOUT_BIN_DIR's fanout-edge: a directory with the edge to
+    # measure (FANOUT_BENCH_EDGE) beside this tree's other binaries.
+    FANOUT_BIN_DIR=$OUT/storm-bin
+    mkdir -p "$FANOUT_BIN_DIR"
+    ln -sf "$EDGE" "$FANOUT_BIN_DIR/fanout-edge"
+    ln -sf "$BIN/fanout-publish" "$FANOUT_BIN_DIR/fanout-publish"
+    export FANOUT_BIN_DIR
+    scripts/local-cluster.sh stop >/dev/null 2>&1 || true
+    CLUSTER=1
+    scripts/local-cluster.sh start --detach >"$OUT/cluster-start.log"
+    # shellcheck disable=SC1091
+    . "$OUT/cluster/cluster.env"
+    jitter=()
+    [ "$s" = storm-nojitter ] && jitter=(--no-jitter)
+    piddir=$OUT/cluster/pids
+    # edge-1 drains at T+5 s (2 s of paced 1001 closes), edge-2 is killed at T+15 s;
+    # edge-3 takes everyone in the end (its CPU and memory are reported).
+    run "$s" storm --url "ws://127.0.0.1:$LB_PORT/ws" --redis-url "$FANOUT_REDIS_URL" \
+      --clients "${FANOUT_BENCH_STORM_CLIENTS:-9900}" --rate 2000 --duration 30 --grace 30 \
+      --drain-pid "$(cat "$piddir/edge-1.pid")" --drain-at 5 \
+      --kill-pid "$(cat "$piddir/edge-2.pid")" --kill-at 15 \
+      --server-pid "$(cat "$piddir/edge-3.pid")" ${jitter[@]+"${jitter[@]}"}
     scripts/local-cluster.sh stop >/dev/null
     CLUSTER=""
     ;;

@@ -96,7 +96,7 @@ impl Target {
     }
 
     /// Opens a TCP connection; on loopback from 127.0.0.(2 + i mod sources).
-    pub(crate) async fn tcp(&self, i: usize) -> anyhow::Result<tokio::net::TcpStream> {
+    pub async fn tcp(&self, i: usize) -> anyhow::Result<tokio::net::TcpStream> {
         let socket = if self.addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -130,6 +130,18 @@ impl Target {
     /// Connects client `i` with `token` and completes the WebSocket handshake.
     pub async fn connect(&self, i: usize, token: &str) -> anyhow::Result<Ws> {
         let stream = self.tcp(i).await?;
+        self.upgrade(stream, token, true).await
+    }
+
+    /// The WebSocket handshake with `token` on a connected `stream`. Without
+    /// `auto_close` a close frame is handed over unanswered (answering it first can fail
+    /// when the peer is gone already, and the frame, with its code, is then lost).
+    pub async fn upgrade(
+        &self,
+        stream: tokio::net::TcpStream,
+        token: &str,
+        auto_close: bool,
+    ) -> anyhow::Result<Ws> {
         let sep = if self.url.contains('?') { '&' } else { '?' };
         let uri = format!(
             "http{}{sep}token={token}",
@@ -147,7 +159,8 @@ impl Target {
             )
             .header("Sec-WebSocket-Version", "13")
             .body(Empty::<Bytes>::new())?;
-        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
+        let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
+        ws.set_auto_close(auto_close);
         Ok(FragmentCollector::new(ws))
     }
 }
@@ -324,6 +337,13 @@ pub struct Numbers {
 }
 
 impl Numbers {
+    /// Whether `seq` was seen.
+    pub fn has(&self, seq: u64) -> bool {
+        self.bits
+            .get((seq / 64) as usize)
+            .is_some_and(|w| w & (1 << (seq % 64)) != 0)
+    }
+
     pub fn see(&mut self, seq: Option<u64>) {
         let Some(seq) = seq.filter(|s| *s < MAX_SEQ) else {
             self.unnumbered += 1;

@@ -11,6 +11,9 @@
 //! - `churn`: connect → authenticate → subscribe → close, at a fixed rate.
 //! - `idle`: C connected, authenticated, subscribed clients held for a while: connect
 //!   time and server memory per connection.
+//! - `storm`: C clients through a load balancer reconnect, as the browser SDK does,
+//!   while one edge is drained and another killed: reconnect time per client, loss,
+//!   duplicates, resets, and the connect rate the surviving edges see.
 //!
 //! `--transport sse` (broadcast, idle) has each client open an event stream
 //! (`GET /sse?channel=…`, beside the WebSocket `--url`) instead of a WebSocket; its
@@ -26,12 +29,14 @@ mod publish;
 mod report;
 mod scenario;
 mod sse;
+mod storm;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "fanout-loadtest", version, about)]
@@ -94,6 +99,20 @@ enum Scenario {
         /// Subscribe every client to this one channel instead of its own `user:` channel.
         #[arg(long)]
         channel: Option<String>,
+    },
+    /// C clients (default 10,000) through one URL, each on its own `user:` channel (or
+    /// one of --shared K), --rate messages per second over all channels (default 2000)
+    /// for --duration seconds (default 30); --drain-pid is drained at --drain-at and
+    /// --kill-pid killed at --kill-at; clients reconnect as the browser SDK does and
+    /// resubscribe with `since`. Reports reconnect times per event, loss, duplicates,
+    /// resets and the peak connect rate.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        publish: PublishOpts,
+        #[command(flatten)]
+        storm: storm::StormOpts,
     },
 }
 
@@ -224,7 +243,30 @@ impl PublishOpts {
 fn main() -> anyhow::Result<()> {
     // 10k+ sockets need more than the default soft limit of open files.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (
+        Scenario::Storm {
+            common, publish, ..
+        },
+        Some(m),
+    ) = (&mut cli.scenario, matches.subcommand_matches("storm"))
+    {
+        // The storm's own defaults, where the command line gave none.
+        let default = |id: &str| m.value_source(id) != Some(ValueSource::CommandLine);
+        if default("clients") {
+            common.clients = 10_000;
+        }
+        if default("duration") {
+            common.duration = 30;
+        }
+        if default("grace") {
+            common.grace = 20;
+        }
+        if default("rate") {
+            publish.rate = 2000;
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -278,6 +320,18 @@ fn main() -> anyhow::Result<()> {
                 let run = scenario::idle(common.clone(), channel);
                 (common, Box::pin(run) as scenario::Run)
             }
+            Scenario::Storm {
+                common,
+                publish,
+                storm,
+            } => {
+                common.ws_only("storm")?;
+                publish.check()?;
+                common.check()?;
+                storm.check(&common)?;
+                let run = storm::storm(common.clone(), publish, storm);
+                (common, Box::pin(run) as scenario::Run)
+            }
         };
         common.check()?;
         let limit = common.deadline();
@@ -291,7 +345,7 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(path) = &common.plot {
             report.plot(path)?;
-            eprintln!("latency plot written to {}", path.display());
+            eprintln!("plot written to {}", path.display());
         }
         Ok(())
     })

@@ -125,6 +125,23 @@ impl Sample {
 pub struct Report {
     json: Value,
     latency: Option<Histogram<u64>>,
+    storm: Option<StormPlot>,
+}
+
+/// What the `storm` plot shows: connects per window over the run, per node, with the
+/// events marked; and each event's reconnect-time distribution.
+pub struct StormPlot {
+    pub window_ms: u64,
+    /// When publishing started, seconds after the first connect.
+    pub start_offset_s: f64,
+    /// Per node: `connected` frames per window from the start of the run.
+    pub connected: Vec<(String, Vec<u32>)>,
+    /// Successful upgrades per window (whichever node, refused ones too).
+    pub upgrades: Vec<u32>,
+    /// Event name and time, seconds after the first connect.
+    pub events: Vec<(String, f64)>,
+    /// Per event: reconnect times (µs).
+    pub reconnect: Vec<(String, Histogram<u64>)>,
 }
 
 impl Report {
@@ -172,7 +189,22 @@ impl Report {
             a.remove("server_rss_bytes_per_connection");
             a.remove("server_cpu_seconds_connecting");
         }
-        Report { json: j, latency }
+        if scenario == "storm" {
+            // The edges measured hold some of the clients, a share that changes as
+            // edges go: per connection means nothing.
+            a.remove("server_rss_bytes_per_connection");
+        }
+        Report {
+            json: j,
+            latency,
+            storm: None,
+        }
+    }
+
+    /// With the `storm` plot instead of a latency one.
+    pub fn with_storm(mut self, plot: StormPlot) -> Report {
+        self.storm = Some(plot);
+        self
     }
 
     pub fn json(&self) -> &Value {
@@ -273,6 +305,9 @@ impl Report {
         if let Some(c) = secs("loadgen_cpu_seconds_load") {
             row("load generator CPU (load)", format!("{c:.2} s"));
         }
+        if j["scenario"] == "storm" {
+            print_storm(j, &row);
+        }
         if let Some(errors) = j.get("client_errors").and_then(Value::as_array) {
             for e in errors.iter().take(3) {
                 row("client error", e.to_string());
@@ -282,8 +317,12 @@ impl Report {
     }
 
     /// The latency distribution as an SVG: latency against percentile, on the usual
-    /// "nines" axis (50 %, 90 %, 99 %, 99.9 %, …).
+    /// "nines" axis (50 %, 90 %, 99 %, 99.9 %, …); for `storm`, the connect rate over
+    /// time and the reconnect-time distributions.
     pub fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(storm) = &self.storm {
+            return plot_storm(storm, &self.json, path);
+        }
         let h = self
             .latency
             .as_ref()
@@ -327,4 +366,240 @@ impl Report {
         root.present()?;
         Ok(())
     }
+}
+
+/// The `storm` rows: totals, then one block per event.
+fn print_storm(j: &Value, row: &dyn Fn(&str, String)) {
+    let v = |k: &str| j.get(k).map(|v| v.to_string()).unwrap_or_default();
+    row(
+        "reconnect policy",
+        j["reconnect_policy"].as_str().unwrap_or("").to_string(),
+    );
+    row("messages lost", v("lost"));
+    row("app duplicates (SDK)", v("app_duplicates"));
+    row("raw duplicate frames", v("raw_duplicate_frames"));
+    row("resets (recovered:false)", v("resets"));
+    row("recovered:true", v("recovered"));
+    row(
+        "caught up at the end",
+        format!("{} of {}", v("caught_up_at_end"), v("clients")),
+    );
+    row(
+        "attempts (failed)",
+        format!("{} ({})", v("attempts"), v("failed_attempts")),
+    );
+    row("closes by code", v("closes_by_code"));
+    row("failed attempts by kind", v("failed_attempts_by_kind"));
+    for e in j["events"].as_array().into_iter().flatten() {
+        let ms = |k: &str| {
+            let r = &e[k];
+            if r["count"].as_u64().unwrap_or(0) == 0 {
+                return "none".to_string();
+            }
+            let f = |q: &str| r[q].as_f64().unwrap_or(0.0);
+            format!(
+                "p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0} ms (n={})",
+                f("p50"),
+                f("p90"),
+                f("p99"),
+                f("max"),
+                r["count"]
+            )
+        };
+        let name = e["event"].as_str().unwrap_or("?");
+        row(
+            &format!("{name} at"),
+            format!(
+                "T+{:.1} s (pid {})",
+                e["at_seconds"].as_f64().unwrap_or(0.0),
+                e["pid"]
+            ),
+        );
+        row(
+            &format!("  {name}: clients affected"),
+            format!("{} (left {})", e["clients_affected"], e["left_nodes"]),
+        );
+        row(&format!("  {name}: reconnect"), ms("reconnect_ms"));
+        row(&format!("  {name}: to subscribed"), ms("to_subscribed_ms"));
+        row(
+            &format!("  {name}: connect→subscribed"),
+            ms("last_attempt_connect_to_subscribed_ms"),
+        );
+        row(
+            &format!("  {name}: TCP connect"),
+            ms("last_attempt_tcp_connect_ms"),
+        );
+        row(
+            &format!("  {name}: connect→upgraded"),
+            ms("last_attempt_connect_to_upgraded_ms"),
+        );
+        row(
+            &format!("  {name}: unrecovered"),
+            e["unrecovered"].to_string(),
+        );
+        row(
+            &format!("  {name}: attempts"),
+            format!(
+                "{} (failed: {})",
+                e["attempts"], e["failed_attempts_by_kind"]
+            ),
+        );
+        row(
+            &format!("  {name}: dups / resets"),
+            format!("{} / {}", e["app_duplicates"], e["resets"]),
+        );
+        row(
+            &format!("  {name}: peak connects"),
+            format!(
+                "{} per 100 ms (by node {}; upgrades {})",
+                e["peak_connects_per_100ms"],
+                e["peak_connects_per_100ms_by_node"],
+                e["peak_upgrades_per_100ms"]
+            ),
+        );
+    }
+}
+
+/// Two panels: connects per window over time (one line per node, the events as
+/// vertical lines), and each event's reconnect time against percentile.
+fn plot_storm(p: &StormPlot, j: &Value, path: &Path) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (900, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(470);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let w = p.window_ms as f64 / 1000.0;
+    let len = p
+        .connected
+        .iter()
+        .map(|(_, s)| s.len())
+        .chain([p.upgrades.len()])
+        .max()
+        .unwrap_or(1);
+    let x_max = (len as f64 * w).max(1.0);
+    let y_max = p
+        .connected
+        .iter()
+        .flat_map(|(_, s)| s.iter())
+        .chain(p.upgrades.iter())
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.1;
+    let title = format!(
+        "fanout-loadtest storm ({}) — {} clients — connects per {} ms",
+        if j["jitter"].as_bool().unwrap_or(true) {
+            "full jitter"
+        } else {
+            "no jitter"
+        },
+        j["clients"],
+        p.window_ms
+    );
+    let mut chart = ChartBuilder::on(&top)
+        .caption(title, ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(format!(
+            "seconds since the first connect (publishing from {:.1} s)",
+            p.start_offset_s
+        ))
+        .y_desc(format!("connects per {} ms", p.window_ms))
+        .draw()?;
+    // Upgrades that a node refused at once (a draining one answers 1001) show as the
+    // gap between this line and the nodes' connects.
+    chart
+        .draw_series(LineSeries::new(
+            p.upgrades
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i as f64 * w, *c as f64)),
+            BLACK.mix(0.35).stroke_width(1),
+        ))?
+        .label("upgrades, refused ones included")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.35)));
+    for (k, (name, s)) in p.connected.iter().enumerate() {
+        let color = colors[k % colors.len()];
+        chart
+            .draw_series(LineSeries::new(
+                s.iter().enumerate().map(|(i, c)| (i as f64 * w, *c as f64)),
+                color.stroke_width(1),
+            ))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    for (name, at) in &p.events {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(*at, 0.0), (*at, y_max)],
+                BLACK.stroke_width(2),
+            ))?
+            .label(format!("{name} at {at:.1} s"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    // Reconnect time against percentile, per event.
+    let most = p.reconnect.iter().map(|(_, h)| h.len()).max().unwrap_or(0);
+    let nines = ((most.max(10) as f64).log10()).clamp(1.0, 4.0);
+    let y_max = p
+        .reconnect
+        .iter()
+        .map(|(_, h)| h.max())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        / 1e6
+        * 1.1;
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption(
+            "reconnect time: disconnect → subscribed and caught up",
+            ("sans-serif", 18),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..nines, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("percentile")
+        .y_desc("seconds")
+        .x_labels(nines as usize + 1)
+        .x_label_formatter(&|x| {
+            let p = format!("{:.3}", 100.0 * (1.0 - 10f64.powf(-x)));
+            format!("{}%", p.trim_end_matches('0').trim_end_matches('.'))
+        })
+        .draw()?;
+    for (k, (name, h)) in p.reconnect.iter().enumerate() {
+        if h.is_empty() {
+            continue;
+        }
+        let color = colors[k % colors.len()];
+        let points: Vec<(f64, f64)> = (0..=(nines * 20.0) as usize)
+            .map(|i| {
+                let x = i as f64 / 20.0;
+                let q = 1.0 - 10f64.powf(-x);
+                (x, h.value_at_quantile(q) as f64 / 1e6)
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .label(format!("{name} ({} clients)", h.len()))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }

@@ -258,6 +258,46 @@ async fn broadcast_and_idle_over_event_streams() {
 }
 
 #[tokio::test]
+async fn storm_without_events_counts_every_message_once() {
+    let redis = RedisServer::start().unwrap();
+    let node = edge(Some(&redis)).await;
+    let url = redis.url();
+    for shared in [None, Some("5")] {
+        let mut args = vec![
+            "storm",
+            "--redis-url",
+            &url,
+            "--clients",
+            "100",
+            "--rate",
+            "200",
+            "--duration",
+            "2",
+            "--grace",
+            "5",
+        ];
+        if let Some(k) = shared {
+            args.extend(["--shared", k]);
+        }
+        let r = run(&node, &args).await;
+        assert_eq!(r["published"], 400, "{r}");
+        assert_eq!(r["channel_count"], if shared.is_some() { 5 } else { 100 });
+        assert_eq!(r["lost"], 0, "{r}");
+        assert_eq!(r["app_duplicates"], 0, "{r}");
+        assert_eq!(r["raw_duplicate_frames"], 0, "{r}");
+        assert_eq!(r["resets"], 0, "{r}");
+        assert_eq!(r["caught_up_at_end"], 100, "{r}");
+        assert_eq!(r["clients_unfinished"], 0, "{r}");
+        assert_eq!(r["events"], serde_json::json!([]), "{r}");
+        assert_eq!(r["outages_before_any_event"], 0, "{r}");
+        // Every client's messages: all of its channel's.
+        let per_client = if shared.is_some() { 400 / 5 } else { 400 / 100 };
+        assert_eq!(r["expected_deliveries"], 100 * per_client, "{r}");
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_input_is_refused_with_a_clear_error() {
     let bin = env!("CARGO_BIN_EXE_fanout-loadtest");
     for (args, needle) in [
@@ -305,6 +345,34 @@ async fn bad_input_is_refused_with_a_clear_error() {
                 "ws://127.0.0.1:1/socket",
             ][..],
             "--url must end in /ws",
+        ),
+        (
+            &[
+                "storm",
+                "--jwt-secret",
+                "s",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--kill-pid",
+                "1",
+            ][..],
+            "is not a fanout-edge; refusing to signal it",
+        ),
+        (
+            &[
+                "storm",
+                "--jwt-secret",
+                "s",
+                "--redis-url",
+                "redis://127.0.0.1:1",
+                "--duration",
+                "10",
+                "--kill-pid",
+                "1",
+                "--kill-at",
+                "12",
+            ][..],
+            "--kill-at must be within the publishing time",
         ),
     ] {
         let out = tokio::process::Command::new(bin)

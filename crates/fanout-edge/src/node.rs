@@ -122,18 +122,33 @@ pub struct Node {
     tracker: tokio_util::task::TaskTracker,
 }
 
+/// Connections the kernel may hold completed for the accept loop. The usual 128 overflows
+/// when a node takes over another's clients at once (a reconnect storm arrives at
+/// thousands per second): each connection dropped from a full queue waits for its SYN to
+/// be sent again, a whole second later. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (SO_REUSEADDR, as `TcpListener::bind` does) with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Node {
     /// Binds, connects the broker and starts serving.
     pub async fn start(settings: Settings) -> Result<Node, NodeError> {
         let settings = Arc::new(settings);
         let metrics = m::install();
-        let listener =
-            TcpListener::bind(settings.listen)
-                .await
-                .map_err(|error| NodeError::Bind {
-                    addr: settings.listen,
-                    error,
-                })?;
+        let listener = listen(settings.listen).map_err(|error| NodeError::Bind {
+            addr: settings.listen,
+            error,
+        })?;
         let addr = listener.local_addr().map_err(|error| NodeError::Bind {
             addr: settings.listen,
             error,
@@ -317,5 +332,58 @@ impl Node {
         self.shared.presence.close().await;
         self.shared.broker.shutdown().await;
         tracing::info!(node = %self.shared.settings.node_id, "fanout edge stopped");
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    /// A listening socket's accept-queue limit and length (Linux reports them in
+    /// `tcp_info`'s `tcpi_sacked` and `tcpi_unacked`).
+    fn accept_queue(listener: &tokio::net::TcpListener) -> (u32, u32) {
+        // SAFETY: `tcp_info` is plain data (all zeroes is a valid value), and getsockopt
+        // writes at most `len` bytes of it for a valid socket fd.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                &mut info as *mut libc::tcp_info as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        (info.tcpi_sacked, info.tcpi_unacked)
+    }
+
+    /// A node taking over another's clients gets thousands of connections at once:
+    /// they wait in the kernel's queue for the accept loop instead of being dropped
+    /// (each dropped one would wait a second for its SYN to be sent again).
+    #[tokio::test]
+    async fn the_listener_queues_a_burst_of_connections() {
+        let listener = super::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let (limit, queued) = accept_queue(&listener);
+        assert_eq!(limit, super::LISTEN_BACKLOG.min(somaxconn));
+        assert_eq!(queued, 0);
+        // More than the usual 128, none accepted: every one completes its handshake.
+        let n = 300.min(limit as usize - 1);
+        let addr = listener.local_addr().unwrap();
+        let connects = (0..n).map(|_| tokio::net::TcpStream::connect(addr));
+        let streams = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures_util::future::try_join_all(connects),
+        )
+        .await
+        .expect("every connection is queued, none dropped")
+        .unwrap();
+        assert_eq!(accept_queue(&listener).1 as usize, n);
+        drop(streams);
     }
 }
