@@ -109,16 +109,22 @@ describe("in Chromium, behind HAProxy", () => {
     const conns = await connectionsByEdge(cluster);
     const order = [0, 1, 2].sort((a, b) => conns[b]! - conns[a]!);
     const [killed, drained, survivor] = order as [number, number, number];
-    const last = 150;
+    // Fewer than a `user:` channel keeps (100): however long a page takes to come back
+    // (bounced by the draining node), what it missed is still in history.
+    const last = 90;
     for (let n = 1; n <= last; n++) {
       await publish(cluster.edgePorts[survivor]!, channel, n);
-      if (n === 30) process.kill(cluster.pid(`edge-${killed + 1}`), "SIGKILL");
-      if (n === 80) process.kill(cluster.pid(`edge-${drained + 1}`), "SIGTERM");
+      if (n === 20) process.kill(cluster.pid(`edge-${killed + 1}`), "SIGKILL");
+      if (n === 50) process.kill(cluster.pid(`edge-${drained + 1}`), "SIGTERM");
       await new Promise((r) => setTimeout(r, 20));
     }
     await waitUntil("every page has every number", async () =>
       (await Promise.all(list.map(seen))).every((s) => s.numbers.length >= last),
-    60_000);
+    60_000).catch(async (e) => {
+      const all = await Promise.all(list.map(seen));
+      const brief = all.map((s) => ({ count: s.numbers.length, last: s.numbers.at(-1), resets: s.resets, states: s.states.slice(-6), errors: s.errors }));
+      throw new Error(`${e.message}; killed edge-${killed + 1}, drained edge-${drained + 1}; pages: ${JSON.stringify(brief)}`);
+    });
     for (const s of await Promise.all(list.map(seen))) {
       expect(s.numbers).toEqual(range(1, last));
       expect(s.resets).toBe(0);
