@@ -1,23 +1,6 @@
-// Builds dist/: the ESM bundle (dist/index.js, readable, with a source map) and the
-// type declarations (tsc), from src/.
-import { build } from "esbuild";
-import { execFileSync } from "node:child_process";
-import { rmSync } from "node:fs";
+// Builds dist/: the ESM bundle and the type declarations, from src/ (no runtime
+// dependency: everything is bundled).
 import { fileURLToPath } from "node:url";
+import { buildPackage } from "../../scripts/build-package.mjs";
 
-const root = fileURLToPath(new URL("..", import.meta.url));
-rmSync(`${root}/dist`, { recursive: true, force: true });
-await build({
-  entryPoints: [`${root}/src/index.ts`],
-  outfile: `${root}/dist/index.js`,
-  bundle: true,
-  format: "esm",
-  platform: "neutral",
-  target: "es2020",
-  sourcemap: true,
-  logLevel: "warning",
-});
-execFileSync(process.execPath, [`${root}/../node_modules/typescript/bin/tsc`, "-p", `${root}/tsconfig.build.json`], {
-  stdio: "inherit",
-});
-console.log("built dist/index.js and dist/*.d.ts");
+await buildPackage(fileURLToPath(new URL("..", import.meta.url)));
