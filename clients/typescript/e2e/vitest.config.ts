@@ -1,6 +1,7 @@
 import { defineConfig } from "vitest/config";
 
-// One cluster and one browser for the whole file; tests run one after another.
+// One browser per file; files and tests run one after another (each starts real
+// processes on the same two cores).
 export default defineConfig({
   test: {
     include: ["*.test.ts"],
