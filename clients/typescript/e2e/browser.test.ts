@@ -7,6 +7,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
 import { chromium, type Browser, type Page } from "playwright-core";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 import {
   api,
   artifactsDir,
@@ -22,6 +23,7 @@ import {
 } from "./harness.js";
 
 const CHROMIUM = process.env.CHROMIUM_PATH ?? "/usr/bin/chromium";
+const HERE = path.dirname(fileURLToPath(import.meta.url));
 
 interface Seen {
   numbers: number[];
@@ -29,6 +31,13 @@ interface Seen {
   states: string[];
   tokens: number;
   errors: string[];
+  /** With a room: per sender, the numbers that arrived; the offsets; resets. */
+  room: Record<string, number[]>;
+  roomOffsets: number[];
+  roomResets: number;
+  /** What this page's own publishes answered. */
+  published: { n: number; offset: number; duplicate: boolean }[];
+  publishErrors: string[];
 }
 
 let browser: Browser;
@@ -43,7 +52,7 @@ afterAll(async () => {
   await browser?.close();
 });
 beforeEach(async () => {
-  cluster = await startCluster(1);
+  cluster = await startCluster(1, path.join(HERE, "fanout.toml"));
   pages = await startPages(cluster);
 });
 afterEach(async (ctx) => {
@@ -99,41 +108,78 @@ async function connectedAll(list: Page[]): Promise<void> {
 }
 
 describe("in Chromium, behind HAProxy", () => {
-  it("kill -9 of a page's node, then a drain of another: every number once, in order, no reset", async () => {
+  it("a page's node hangs and is killed -9, then another drains: every number once, in order, no reset — published by the server and by the pages", async () => {
     const channel = "user:e2e";
-    const list = await Promise.all([1, 2, 3].map(() => open({ url: lbUrl(), user: "e2e", channel })));
+    const room = "room:e2e";
+    const senders = 3;
+    const mine = 60;
+    const list = await Promise.all(range(1, senders).map(() => open({ url: lbUrl(), user: "e2e", channel, room })));
     await connectedAll(list);
     await waitUntil("three connections", async () => (await connectionsByEdge(cluster)).reduce((a, b) => a + b) === 3);
     // The node most pages are on dies; then another one with pages drains; the third
-    // carries the publishes throughout.
+    // carries the server's publishes throughout. Meanwhile every page publishes its own
+    // numbers into the room without waiting for answers.
     const conns = await connectionsByEdge(cluster);
     const order = [0, 1, 2].sort((a, b) => conns[b]! - conns[a]!);
     const [killed, drained, survivor] = order as [number, number, number];
+    const publishing = list.map((page, i) =>
+      page.evaluate(([from, count]) => (window as any).publishNumbers(from, count, 40), [i, mine] as const),
+    );
     // Fewer than a `user:` channel keeps (100): however long a page takes to come back
     // (bounced by the draining node), what it missed is still in history.
     const last = 90;
     for (let n = 1; n <= last; n++) {
       await publish(cluster.edgePorts[survivor]!, channel, n);
-      if (n === 20) process.kill(cluster.pid(`edge-${killed + 1}`), "SIGKILL");
+      if (n === 20) {
+        // Hung first, so that the pages on it have publishes sent and never answered
+        // when it dies: they must be resent, once each.
+        process.kill(cluster.pid(`edge-${killed + 1}`), "SIGSTOP");
+        await new Promise((r) => setTimeout(r, 300));
+        process.kill(cluster.pid(`edge-${killed + 1}`), "SIGKILL");
+      }
       if (n === 50) process.kill(cluster.pid(`edge-${drained + 1}`), "SIGTERM");
       await new Promise((r) => setTimeout(r, 20));
     }
-    await waitUntil("every page has every number", async () =>
-      (await Promise.all(list.map(seen))).every((s) => s.numbers.length >= last),
+    await Promise.all(publishing);
+    const complete = (s: Seen) =>
+      s.numbers.length >= last && range(0, senders - 1).every((from) => (s.room[from]?.length ?? 0) >= mine);
+    await waitUntil("every page has every number", async () => (await Promise.all(list.map(seen))).every(complete),
     60_000).catch(async (e) => {
       const all = await Promise.all(list.map(seen));
-      const brief = all.map((s) => ({ count: s.numbers.length, last: s.numbers.at(-1), resets: s.resets, states: s.states.slice(-6), errors: s.errors }));
+      const brief = all.map((s) => ({
+        count: s.numbers.length,
+        last: s.numbers.at(-1),
+        resets: s.resets,
+        room: Object.fromEntries(Object.entries(s.room).map(([k, v]) => [k, v.length])),
+        published: s.published.length,
+        publishErrors: s.publishErrors,
+        states: s.states.slice(-6),
+        errors: s.errors,
+      }));
       throw new Error(`${e.message}; killed edge-${killed + 1}, drained edge-${drained + 1}; pages: ${JSON.stringify(brief)}`);
     });
-    for (const s of await Promise.all(list.map(seen))) {
+    await new Promise((r) => setTimeout(r, 300)); // a duplicate would arrive by now
+    const all = await Promise.all(list.map(seen));
+    for (const s of all) {
       expect(s.numbers).toEqual(range(1, last));
       expect(s.resets).toBe(0);
+      // Every page's publishes, each applied once (a resend under its key is answered
+      // `duplicate`, not published again), in the order each page sent them.
+      expect(s.publishErrors).toEqual([]);
+      expect(s.published).toHaveLength(mine);
+      for (let from = 0; from < senders; from++) expect(s.room[from]).toEqual(range(1, mine));
+      expect(s.roomOffsets).toEqual([...s.roomOffsets].sort((a, b) => a - b));
+      expect(new Set(s.roomOffsets).size).toBe(senders * mine);
+      expect(s.roomResets).toBe(0);
     }
+    // Every page saw the same room history: the same offsets.
+    expect(all[1]!.roomOffsets).toEqual(all[0]!.roomOffsets);
+    expect(all[2]!.roomOffsets).toEqual(all[0]!.roomOffsets);
     // At least one page was on the killed node and came back.
-    const reconnected = (await Promise.all(list.map(seen))).filter(
-      (s) => s.states.filter((x) => x === "connected").length > 1,
-    );
+    const reconnected = all.filter((s) => s.states.filter((x) => x === "connected").length > 1);
     expect(reconnected.length).toBeGreaterThan(0);
+    const resent = all.flatMap((s) => s.published.filter((p) => p.duplicate)).length;
+    console.info(`kill test: ${reconnected.length} pages reconnected; ${resent} publishes answered \`duplicate\` on resend`);
   });
 
   it("Redis restarted without persistence: the page is told to reset, never left silent", async () => {

@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use fanout_protocol::ErrorCode;
 use hyper::body::Incoming;
-use hyper::header::AUTHORIZATION;
+use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::broker::BrokerError;
+use crate::commands::PublishBody;
 use crate::metrics as m;
 use crate::respond::{bearer, json, query_param, read_json, Body};
 use crate::shared::{ControlMessage, Shared};
@@ -134,56 +135,15 @@ async fn body<T: for<'de> Deserialize<'de>>(
         })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    channel: String,
-    data: Box<RawValue>,
-    #[serde(default)]
-    event: Option<String>,
-    /// *Extension*: applied at most once per channel within the dedup window; also
-    /// accepted as the `Idempotency-Key` header.
-    #[serde(default)]
-    idempotency_key: Option<String>,
-}
-
-/// The idempotency key of a publish request: the `idempotency_key` body field or the
-/// `Idempotency-Key` header (the same if both are given).
+/// A publish request's idempotency key: the `Idempotency-Key` header (taken before the
+/// body is read) and the body's `idempotency_key`, as one key.
 fn idempotency_key(
-    header: Option<String>,
+    header: Option<HeaderValue>,
     body: Option<String>,
 ) -> Result<Option<String>, ApiError> {
-    let key = match (header, body) {
-        (Some(h), Some(b)) if h != b => {
-            return Err(ApiError::new(
-                ErrorCode::BadRequest,
-                "the Idempotency-Key header and the idempotency_key field differ",
-            ))
-        }
-        (h, b) => b.or(h),
-    };
-    match key {
-        Some(k) if !fanout_publisher::valid_idempotency_key(&k) => Err(ApiError::new(
-            ErrorCode::BadRequest,
-            format!(
-                "an idempotency key is 1 to {} printable ASCII characters without spaces",
-                fanout_publisher::MAX_IDEMPOTENCY_KEY_LEN
-            ),
-        )),
-        k => Ok(k),
-    }
-}
-
-fn idempotency_header(req: &Request<Incoming>) -> Result<Option<String>, ApiError> {
-    match req.headers().get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
-            ApiError::new(
-                ErrorCode::BadRequest,
-                "the Idempotency-Key header is not printable ASCII",
-            )
-        }),
-    }
+    let max = fanout_publisher::MAX_IDEMPOTENCY_KEY_LEN;
+    crate::commands::request_key(header.as_ref(), body, max)
+        .map_err(|r| ApiError::new(r.code, r.message))
 }
 
 async fn publish_one(
@@ -220,7 +180,7 @@ async fn publish_one(
 }
 
 async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<serde_json::Value, ApiError> {
-    let header = idempotency_header(&req)?;
+    let header = req.headers().get("idempotency-key").cloned();
     let b: PublishBody = body(req, shared).await?;
     let key = idempotency_key(header, b.idempotency_key)?;
     publish_one(
@@ -252,7 +212,7 @@ async fn broadcast(
     req: Request<Incoming>,
     shared: &Shared,
 ) -> Result<(StatusCode, serde_json::Value), ApiError> {
-    let header = idempotency_header(&req)?;
+    let header = req.headers().get("idempotency-key").cloned();
     let b: BroadcastBody = body(req, shared).await?;
     let key = idempotency_key(header, b.idempotency_key.clone())?;
     if b.channels.is_empty() || b.channels.len() > 1000 {

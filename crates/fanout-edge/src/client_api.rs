@@ -1,6 +1,6 @@
 //! Client commands over plain HTTP, for what a receive-only transport (an event
-//! stream) cannot carry: `POST /client/publish {channel, data, event?}` →
-//! `{offset, epoch}` and `GET /client/presence?channel=…` → `{channel, clients}`.
+//! stream) cannot carry: `POST /client/publish {channel, data, event?,
+//! idempotency_key?}` → `{offset, epoch, duplicate?}` and `GET /client/presence?channel=…` → `{channel, clients}`.
 //! Authorized by the user's connection token (`Authorization: Bearer …`), under the
 //! same namespace rules as the WebSocket commands ([`crate::commands`]) and the same
 //! rate limit, counted per user. Errors are `{"error":{"code","message"}}` with the
@@ -10,14 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fanout_protocol::ErrorCode;
-use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, ORIGIN};
-use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
 use crate::auth::Principal;
+use crate::commands::{request_key, Publish, PublishBody, MAX_CLIENT_KEY_LEN};
 use crate::metrics as m;
 use crate::respond::{
     bearer, cors, error_json, json, origin_allowed, preflight, principal, query_param, read_json,
@@ -25,6 +19,10 @@ use crate::respond::{
 };
 use crate::rules::Refusal;
 use crate::shared::Shared;
+use fanout_protocol::ErrorCode;
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, ORIGIN};
+use hyper::{Method, Request, Response, StatusCode};
 
 fn from_rules(r: Refusal) -> Refused {
     let status = StatusCode::from_u16(r.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
@@ -92,20 +90,14 @@ fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<Principal, Refu
     Ok(principal)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    channel: String,
-    data: Box<RawValue>,
-    #[serde(default)]
-    event: Option<String>,
-}
-
 async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<Response<Body>, Refused> {
     let principal = authorize(&req, shared)?;
     let limits = &shared.settings.limits;
     let within = Duration::from_secs(limits.api_body_timeout_secs);
+    let header = req.headers().get("idempotency-key").cloned();
     let body: PublishBody = read_json(req, limits.max_message_size, within).await?;
+    let key = request_key(header.as_ref(), body.idempotency_key, MAX_CLIENT_KEY_LEN)
+        .map_err(from_rules)?;
     metrics::counter!(m::CLIENT_FRAMES_TOTAL, "type" => "publish").increment(1);
     // Over HTTP there is no subscription to look at: for a namespace where
     // subscribers publish, whoever may subscribe may publish.
@@ -115,20 +107,20 @@ async fn publish(req: Request<Incoming>, shared: &Shared) -> Result<Response<Bod
             .check_subscribe(&principal, &c, crate::rules::Grant::None)
             .is_ok()
     });
-    let ack = crate::commands::publish(
-        shared,
-        &principal,
-        &body.channel,
-        &body.data,
-        body.event.as_deref(),
-        may_subscribe,
-    )
-    .await
-    .map_err(from_rules)?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"offset": ack.offset, "epoch": ack.epoch}),
-    ))
+    let request = Publish {
+        channel: &body.channel,
+        data: &body.data,
+        event: body.event.as_deref(),
+        key: key.as_deref(),
+    };
+    let ack = crate::commands::publish(shared, &principal, request, may_subscribe)
+        .await
+        .map_err(from_rules)?;
+    let mut answer = serde_json::json!({"offset": ack.offset, "epoch": ack.epoch});
+    if ack.duplicate {
+        answer["duplicate"] = true.into();
+    }
+    Ok(json(StatusCode::OK, &answer))
 }
 
 async fn presence(req: Request<Incoming>, shared: &Shared) -> Result<Response<Body>, Refused> {

@@ -170,7 +170,7 @@ pub(crate) fn preflight() -> Response<Body> {
     );
     h.insert(
         "access-control-allow-headers",
-        HeaderValue::from_static("authorization, content-type, last-event-id"),
+        HeaderValue::from_static("authorization, content-type, idempotency-key, last-event-id"),
     );
     h.insert("access-control-max-age", HeaderValue::from_static("600"));
     r

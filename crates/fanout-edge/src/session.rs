@@ -369,7 +369,11 @@ impl Session {
                 channel,
                 data,
                 event,
-            } => self.publish(id, &channel, &data, event.as_deref()).await,
+                idempotency_key,
+            } => {
+                self.publish(id, &channel, &data, event.as_deref(), idempotency_key)
+                    .await
+            }
             ClientFrame::Ping => self.send(&ServerFrame::Pong { id }),
             ClientFrame::Refresh { token } => self.refresh(id, &token),
             ClientFrame::Presence { channel } => self.presence(id, &channel).await,
@@ -648,16 +652,26 @@ impl Session {
         name: &str,
         data: &serde_json::Value,
         event: Option<&str>,
+        key: Option<String>,
     ) {
         let shared = self.shared.clone();
         let principal = self.principal.as_ref().expect("authenticated");
         let raw: Box<RawValue> = serde_json::value::to_raw_value(data).expect("a Value serializes");
+        let request = crate::commands::Publish {
+            channel: name,
+            data: &raw,
+            event,
+            key: key.as_deref(),
+        };
         let subscribed = self.channels.contains(name);
-        match crate::commands::publish(&shared, principal, name, &raw, event, subscribed).await {
+        match crate::commands::publish(&shared, principal, request, subscribed).await {
             Ok(ack) => {
                 let mut extra = serde_json::Map::new();
                 extra.insert("offset".into(), ack.offset.into());
                 extra.insert("epoch".into(), ack.epoch.into());
+                if ack.duplicate {
+                    extra.insert("duplicate".into(), true.into());
+                }
                 self.send(&ServerFrame::Reply {
                     id,
                     extra: Some(&extra),

@@ -484,6 +484,118 @@ async fn api_publish_reaches_subscribers_on_both_brokers() {
     }
 }
 
+/// A client's publish resent under its idempotency key (after a lost connection, say)
+/// is applied once: the resend answers the first position with `duplicate`, over the
+/// WebSocket and over `/client/publish` alike. Keys are scoped to the user, and bad
+/// keys are refused with `bad_request`.
+#[tokio::test]
+async fn client_publishes_with_one_key_are_applied_once() {
+    let cfg = config_file(
+        "[namespaces.room]\nsubscribe = \"authenticated\"\npublish = \"authenticated\"\n",
+    );
+    for backend in Backend::all() {
+        let node = start_configured(&backend, &cfg).await;
+        let name = backend.name();
+        let mut reader = connect(&node, &token("reader", &[])).await;
+        assert_eq!(reader.subscribe(1, "room:1").await["type"], "subscribed");
+        let mut u1 = connect(&node, &token("u1", &[])).await;
+        let publish = |id: u64, n: u64, key: &str| json!({"type": "publish", "id": id, "channel": "room:1", "data": {"n": n}, "idempotency_key": key});
+
+        u1.send(publish(1, 1, "k1")).await;
+        let first = u1.recv().await;
+        assert_eq!(
+            (first["type"].as_str(), first["id"].as_u64()),
+            (Some("reply"), Some(1)),
+            "{name}: {first}"
+        );
+        assert_eq!(first["offset"], 1, "{name}: {first}");
+        assert!(first.get("duplicate").is_none(), "{name}: {first}");
+        // The resend: the first position, nothing published.
+        u1.send(publish(2, 1, "k1")).await;
+        let again = u1.recv().await;
+        assert_eq!(
+            (
+                again["id"].as_u64(),
+                &again["offset"],
+                &again["epoch"],
+                &again["duplicate"]
+            ),
+            (Some(2), &first["offset"], &first["epoch"], &json!(true)),
+            "{name}: {again}"
+        );
+        // The same key over HTTP (an event-stream client's resend) is the same publish.
+        let client_publish = |body: serde_json::Value| {
+            let (addr, bearer) = (node.local_addr(), token("u1", &[]));
+            async move {
+                let body = body.to_string();
+                fanout_testkit::http(addr, "POST", "/client/publish", Some(&bearer), Some(&body))
+                    .await
+            }
+        };
+        let (status, text) =
+            client_publish(json!({"channel": "room:1", "data": {"n": 1}, "idempotency_key": "k1"}))
+                .await;
+        let http: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (status, &http["offset"], &http["duplicate"]),
+            (200, &json!(1), &json!(true)),
+            "{name}: {text}"
+        );
+        // Another user's key of the same name is another publish.
+        let mut u2 = connect(&node, &token("u2", &[])).await;
+        u2.send(publish(1, 2, "k1")).await;
+        let theirs = u2.recv().await;
+        assert_eq!(
+            (&theirs["offset"], theirs.get("duplicate")),
+            (&json!(2), None),
+            "{name}: {theirs}"
+        );
+
+        let got: Vec<_> = [
+            reader.recv_type("message").await,
+            reader.recv_type("message").await,
+        ]
+        .iter()
+        .map(|m| {
+            (
+                m["offset"].as_u64().unwrap(),
+                m["data"]["n"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+        assert_eq!(got, vec![(1, 1), (2, 2)], "{name}");
+        assert_eq!(
+            reader.next_within(Duration::from_millis(300)).await,
+            None,
+            "{name}"
+        );
+
+        // Bad keys: refused, the connection stays usable.
+        for (id, key) in [
+            (3, "a b".to_string()),
+            (4, String::new()),
+            (5, "k".repeat(65)),
+        ] {
+            u1.send(publish(id, 9, &key)).await;
+            let e = u1.recv().await;
+            assert_eq!(
+                (e["type"].as_str(), e["id"].as_u64(), e["code"].as_str()),
+                (Some("error"), Some(id), Some("bad_request")),
+                "{name}: {key:?} → {e}"
+            );
+        }
+        let (status, text) =
+            client_publish(json!({"channel": "room:1", "data": {}, "idempotency_key": "a b"}))
+                .await;
+        assert_eq!(status, 400, "{name}: {text}");
+        assert!(text.contains("bad_request"), "{name}: {text}");
+        u1.send(publish(6, 3, &"k".repeat(64))).await;
+        assert_eq!(u1.recv().await["offset"], 3, "{name}");
+        assert_eq!(reader.recv_type("message").await["data"]["n"], 3, "{name}");
+        node.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn server_api_needs_the_admin_token() {
     let node = start(None, &[]).await;

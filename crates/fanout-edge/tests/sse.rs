@@ -599,7 +599,7 @@ async fn the_cors_preflight_admits_allowed_origins_only() {
         "{ok}"
     );
     assert!(
-        ok.contains("access-control-allow-headers: authorization, content-type, last-event-id"),
+        ok.contains("access-control-allow-headers: authorization, content-type, idempotency-key, last-event-id"),
         "{ok}"
     );
     let refused = preflight("https://evil.example").await;

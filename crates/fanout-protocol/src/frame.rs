@@ -45,6 +45,10 @@ pub enum ClientFrame {
         data: serde_json::Value,
         #[serde(default)]
         event: Option<String>,
+        /// *Extension*: one key per logical publish, the same on every resend, so a
+        /// publish resent after a lost connection is applied once.
+        #[serde(default)]
+        idempotency_key: Option<String>,
     },
     Ping,
     Refresh {

@@ -8,6 +8,7 @@
 import { backoff, soon } from "./backoff.js";
 import { closeAction } from "./codes.js";
 import { FanoutError } from "./errors.js";
+import { newKey } from "./key.js";
 import { Subscription } from "./subscription.js";
 import { refreshDelay } from "./token.js";
 import { command, httpBase, SseTransport } from "./transport-sse.js";
@@ -16,6 +17,7 @@ import type {
   FanoutOptions,
   Frame,
   PresenceResult,
+  PublishOptions,
   PublishResult,
   State,
   SubscribeOptions,
@@ -46,6 +48,8 @@ interface Pending {
 
 interface Queued {
   frame: Frame;
+  /** Send order: a publish put back after a lost connection goes before later ones. */
+  seq: number;
   res: (r: PublishResult) => void;
   rej: (e: FanoutError) => void;
 }
@@ -87,6 +91,8 @@ export class Fanout {
   private nextId = 1;
   private readonly pending = new Map<number, Pending>();
   private queue: Queued[] = [];
+  private publishSeq = 0;
+  private resendTimer: ReturnType<typeof setTimeout> | undefined;
   private pingMs = 25_000;
   private lastSeen = 0;
   private lastPing = 0;
@@ -154,12 +160,17 @@ export class Fanout {
     return sub;
   }
 
-  /** Publishes; while disconnected it waits in a bounded queue (the timeout counts once it is sent). */
-  publish(channel: string, data: unknown, opts: { event?: string } = {}): Promise<PublishResult> {
-    const frame: Frame = { type: "publish", channel, data };
+  /**
+   * Publishes; while disconnected it waits in a bounded queue (the timeout counts once
+   * it is sent). Each publish carries an idempotency key: one whose connection is lost
+   * before the answer is sent again under that key once connected, so it is applied
+   * exactly once, in order with the others (`duplicate` says an earlier send got through).
+   */
+  publish(channel: string, data: unknown, opts: PublishOptions = {}): Promise<PublishResult> {
+    const frame: Frame = { type: "publish", channel, data, idempotency_key: opts.idempotencyKey ?? newKey() };
     if (opts.event !== undefined) frame.event = opts.event;
     return new Promise((res, rej) => {
-      const q: Queued = { frame, res, rej };
+      const q: Queued = { frame, seq: this.publishSeq++, res, rej };
       if (this.st === "connected") this.sendPublish(q);
       else if (this.st === "closed") rej(new FanoutError("closed", "the client is closed"));
       else if (this.queue.length >= this.maxQueued)
@@ -334,6 +345,8 @@ export class Fanout {
     this.drop(err);
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.streamTimer);
+    clearTimeout(this.resendTimer);
+    this.resendTimer = undefined;
     this.listen(false);
     for (const q of this.queue) q.rej(err);
     this.queue = [];
@@ -508,12 +521,32 @@ export class Fanout {
   }
 
   private sendPublish(q: Queued): void {
-    const { channel, data, event } = q.frame;
+    const { channel, data, event, idempotency_key } = q.frame;
     const p =
       this.kind === "websocket"
-        ? this.request(q.frame, "publish")
-        : this.http<Frame>("/client/publish", event === undefined ? { channel, data } : { channel, data, event });
-    p.then((f) => q.res({ offset: f.offset, epoch: f.epoch }), q.rej);
+        ? this.request({ ...q.frame }, "publish")
+        : this.http<Frame>("/client/publish", { channel, data, idempotency_key, ...(event === undefined ? {} : { event }) });
+    p.then(
+      (f) => q.res(f.duplicate ? { offset: f.offset, epoch: f.epoch, duplicate: true } : { offset: f.offset, epoch: f.epoch }),
+      (e: FanoutError) => this.unanswered(q, e),
+    );
+  }
+
+  /**
+   * A publish that got no answer: lost with its connection, it goes back into the queue
+   * (before anything published after it, whatever the bound) to be resent under the same
+   * key; anything else (a refusal, a timeout, a close for good) rejects.
+   */
+  private unanswered(q: Queued, e: FanoutError): void {
+    if (e.code !== "disconnected" || !this.want) return q.rej(e);
+    const at = this.queue.findIndex((o) => o.seq > q.seq);
+    this.queue.splice(at < 0 ? this.queue.length : at, 0, q);
+    // Still connected (an event stream's HTTP command failed on its own): try again soon.
+    if (this.st === "connected" && this.resendTimer === undefined)
+      this.resendTimer = setTimeout(() => {
+        this.resendTimer = undefined;
+        if (this.st === "connected") this.flush();
+      }, backoff(0, this.minDelay, this.maxDelay) + this.minDelay);
   }
 
   private flush(): void {

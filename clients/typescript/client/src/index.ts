@@ -15,6 +15,7 @@ export type {
   Position,
   PresenceClient,
   PresenceResult,
+  PublishOptions,
   PublishResult,
   State,
   SubscribeOptions,

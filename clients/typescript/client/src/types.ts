@@ -44,6 +44,18 @@ export interface SubscribeOptions<T = unknown> {
 export interface PublishResult {
   offset: number;
   epoch: string;
+  /** The key was already applied (an earlier send got through): this is that publish's position. */
+  duplicate?: boolean;
+}
+
+export interface PublishOptions {
+  event?: string;
+  /**
+   * One key per logical publish (1–64 printable ASCII characters, no spaces); made for
+   * you when omitted. Pass your own to resend, with the same key, a publish that
+   * rejected with `timeout`: it is applied at most once within the edge's 5-minute window.
+   */
+  idempotencyKey?: string;
 }
 
 export interface PresenceClient {

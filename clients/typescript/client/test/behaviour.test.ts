@@ -118,17 +118,55 @@ describe("requests", () => {
     expect(c.state).toBe("connected");
   });
 
-  it("reject with `disconnected` when the connection is lost before the answer, while queued ones wait", async () => {
+  it("carry one idempotency key per publish: a caller's own, or 32 fresh hex characters", async () => {
     const c = await connected();
-    const sent = c.publish("chat:x", 1).catch((e) => e);
-    await until(() => fake.last.frames.some((f) => f.type === "publish"));
     fake.onFrame = (conn, f) => {
-      if (f.type === "publish") conn.send({ type: "reply", id: f.id, offset: 7, epoch: "E" });
+      if (f.type === "publish") conn.send({ type: "reply", id: f.id, offset: 1, epoch: "E" });
+    };
+    await c.publish("chat:x", 1);
+    await c.publish("chat:x", 2);
+    await c.publish("chat:x", 3, { idempotencyKey: "order-17" });
+    const keys = fake.last.frames.filter((f) => f.type === "publish").map((f) => f.idempotency_key);
+    expect(keys[0]).toMatch(/^[0-9a-f]{32}$/);
+    expect(keys[1]).toMatch(/^[0-9a-f]{32}$/);
+    expect(keys[0]).not.toBe(keys[1]);
+    expect(keys[2]).toBe("order-17");
+  });
+
+  it("lost with the connection, are resent under the same keys once reconnected, before later ones and in order", async () => {
+    const c = await connected({ minReconnectDelay: 10, maxReconnectDelay: 50 });
+    const first = c.publish("chat:x", 1);
+    const second = c.publish("chat:x", 2, { event: "e" });
+    await until(() => fake.last.frames.filter((f) => f.type === "publish").length === 2);
+    const sent = fake.last.frames.filter((f) => f.type === "publish");
+    // The edge had applied the first before the connection went: it answers `duplicate`.
+    fake.onFrame = (conn, f) => {
+      if (f.type !== "publish") return;
+      const dup = f.idempotency_key === sent[0].idempotency_key;
+      conn.send({ type: "reply", id: f.id, offset: f.data, epoch: "E", ...(dup ? { duplicate: true } : {}) });
     };
     fake.last.close(1011);
-    expect((await sent).code).toBe("disconnected");
-    const queued = c.publish("chat:x", 2);
-    expect(await queued).toEqual({ offset: 7, epoch: "E" });
+    await until(() => fake.conns.length === 2);
+    const third = c.publish("chat:x", 3);
+    expect(await first).toEqual({ offset: 1, epoch: "E", duplicate: true });
+    expect(await second).toEqual({ offset: 2, epoch: "E" });
+    expect(await third).toEqual({ offset: 3, epoch: "E" });
+    const resent = fake.last.frames.filter((f) => f.type === "publish");
+    expect(resent.map((f) => [f.data, f.idempotency_key, f.event])).toEqual([
+      [1, sent[0].idempotency_key, undefined],
+      [2, sent[1].idempotency_key, "e"],
+      [3, expect.stringMatching(/^[0-9a-f]{32}$/), undefined],
+    ]);
+  });
+
+  it("lost with the connection and then closed for good, reject with `closed`", async () => {
+    const c = await connected({ minReconnectDelay: 5000, maxReconnectDelay: 10_000 });
+    const sent = c.publish("chat:x", 1).catch((e) => e);
+    await until(() => fake.last.frames.some((f) => f.type === "publish"));
+    fake.last.close(1011);
+    await until(() => c.state === "disconnected");
+    c.close();
+    expect((await sent).code).toBe("closed");
   });
 
   it("reject with the error frame's code", async () => {

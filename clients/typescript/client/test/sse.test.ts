@@ -40,6 +40,34 @@ describe("event-stream transport against fanout-edge", () => {
     expect([err.code, err.status]).toEqual(["forbidden", 403]);
   });
 
+  it("resends a publish whose answer was lost under the same key: applied once", async () => {
+    const edge = await Edge.start();
+    let cut = 1;
+    const keys: string[] = [];
+    // The first publish reaches the edge, but its answer is lost on the way back.
+    const lossy: typeof fetch = async (input, init) => {
+      const res = await fetch(input, init);
+      if (String(input).endsWith("/client/publish")) {
+        keys.push(JSON.parse(String(init!.body)).idempotency_key);
+        if (cut-- > 0) throw new TypeError("network error");
+      }
+      return res;
+    };
+    const c = client({ url: edge.url, token: mint("s9"), transports: ["sse"], fetch: lossy, minReconnectDelay: 20 });
+    const rec = new Recorder();
+    const sub = c.subscribe("chat:once", rec.handlers);
+    c.connect();
+    await until(() => sub.state === "subscribed");
+    const r = await c.publish("chat:once", "mine");
+    expect(r).toEqual({ offset: 1, epoch: sub.position!.epoch, duplicate: true });
+    expect(keys).toHaveLength(2);
+    expect(keys[1]).toBe(keys[0]);
+    await edge.publish("chat:once", "next");
+    await until(() => rec.messages.length === 2);
+    expect(rec.data).toEqual(["mine", "next"]);
+    expect(rec.offsets).toEqual([1, 2]);
+  });
+
   it("reopens the stream when the channel set changes, resuming every channel without loss or duplicate", async () => {
     const edge = await Edge.start();
     const c = client({ url: edge.url, token: mint("s2", 3600, { channels: ["job_progress:*"] }), transports: ["sse"] });

@@ -67,6 +67,13 @@ describe("websocket transport against fanout-edge", () => {
     const err = await c.publish("job_progress:1", {}).catch((e) => e);
     expect(err).toBeInstanceOf(FanoutError);
     expect(err.code).toBe("forbidden");
+    // A caller's resend under its own key (after a `timeout`, say) is applied once.
+    const r3 = await c.publish("chat:pub", "once", { idempotencyKey: "retry-1" });
+    expect(await c.publish("chat:pub", "once", { idempotencyKey: "retry-1" })).toEqual({ ...r3, duplicate: true });
+    await c.publish("chat:pub", "after");
+    await until(() => rec.messages.length === 4);
+    expect(rec.data.slice(2)).toEqual(["once", "after"]);
+    expect((await c.publish("chat:pub", 1, { idempotencyKey: "has space" }).catch((e) => e)).code).toBe("bad_request");
   });
 
   it("answers presence", async () => {
