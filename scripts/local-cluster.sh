@@ -299,7 +299,7 @@ start_redis_single() {
   mkdir -p "$STATE/redis"
   start redis redis-server --port "$port" --bind 127.0.0.1 --protected-mode yes \
     --dir "$STATE/redis" --save "" --appendonly no --daemonize no
-  wait_for redis 15 redis-cli -p "$port" ping || { cat "$LOGDIR/redis.log"; return 1; }
+  wait_for redis 15 redis-cli -p "$port" ping || { cat "$LOGDIR/redis.log" >&2; return 1; }
   REDIS_URL="redis://127.0.0.1:$port"
   REDIS_PORTS=$port
 }
@@ -317,11 +317,11 @@ start_redis_cluster() {
   done
   for i in 1 2 3; do
     wait_for "redis-$i" 15 redis-cli -p "${ports[$((i - 1))]}" ping ||
-      { cat "$LOGDIR/redis-$i.log"; return 1; }
+      { cat "$LOGDIR/redis-$i.log" >&2; return 1; }
   done
   redis-cli --cluster create "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}" \
     --cluster-replicas 0 --cluster-yes >"$LOGDIR/redis-cluster-create.log" 2>&1 ||
-    { cat "$LOGDIR/redis-cluster-create.log"; return 1; }
+    { cat "$LOGDIR/redis-cluster-create.log" >&2; return 1; }
   for port in "${ports[@]}"; do
     wait_for redis-cluster 20 sh -c "redis-cli -p $port cluster info | grep -q '^cluster_state:ok'" ||
       { echo "Redis Cluster not ok:"; redis-cli -p "$port" cluster info; return 1; }
@@ -351,7 +351,8 @@ cmd_start() {
   rm -rf "$PIDDIR" "$LOGDIR" "$ENVFILE"
   mkdir -p "$PIDDIR" "$LOGDIR"
   # From here on, a failure stops what was started.
-  trap 'echo "local-cluster: start failed; stopping"; cmd_stop' ERR
+  # Diagnostics go to stderr: harnesses that start the cluster keep only that.
+  trap 'echo "local-cluster: start failed; stopping" >&2; cmd_stop' ERR
 
   local secret=${FANOUT_JWT_SECRET:-$(random_token)} admin=${FANOUT_ADMIN_TOKEN:-$(random_token)}
   local drain=${FANOUT_DRAIN_SECS:-2}
@@ -387,8 +388,8 @@ EOF
   done
   for i in 1 2 3; do
     if ! wait_ready "edge-$i" 30 "http://127.0.0.1:${edge_ports[$((i - 1))]}/readyz"; then
-      echo "local-cluster: edge-$i is not ready; its log:"
-      cat "$LOGDIR/edge-$i.log"
+      echo "local-cluster: edge-$i is not ready; its log:" >&2
+      cat "$LOGDIR/edge-$i.log" >&2
       false
     fi
   done
@@ -398,8 +399,8 @@ EOF
     FANOUT_EDGE3=127.0.0.1:${edge_ports[2]} \
     start haproxy haproxy -db -f "$ROOT/deploy/haproxy/haproxy.cfg"
   if ! wait_for haproxy 20 all_edges_up "$lb_stats_port" || ! http_ok "http://127.0.0.1:$lb_port/readyz"; then
-    echo "local-cluster: HAProxy does not see three edges up; its log:"
-    cat "$LOGDIR/haproxy.log"
+    echo "local-cluster: HAProxy does not see three edges up; its log:" >&2
+    cat "$LOGDIR/haproxy.log" >&2
     false
   fi
   trap - ERR
