@@ -13,10 +13,10 @@
 #       an HS256 token for USER (default demo) valid 24 h; CHANNEL patterns go
 #       into its `channels` claim (default job_progress:*)
 #
-# --cluster: three Redis Cluster masters, the edges on
-# redis-cluster://h1:p1,h2:p2,h3:p3 (sharded pub/sub: needs a fanout-edge that
-# supports it; one that does not refuses the URL at start, and this script
-# shows its log).
+# --cluster: three Redis Cluster masters (with FANOUT_REDIS_REPLICAS replicas
+# each, default 0), the edges on redis-cluster://h1:p1,h2:p2,h3:p3 (sharded
+# pub/sub: needs a fanout-edge that supports it; one that does not refuses the
+# URL at start, and this script shows its log).
 #
 # Environment:
 #   FANOUT_BIN_DIR      where fanout-edge and fanout-publish are (default: the
@@ -28,6 +28,7 @@
 #                       preferred ports (defaults 9000, 9001, "8081 8082 8083";
 #                       free ones are picked when they are taken)
 #   FANOUT_CONFIG       a config file for the edges (limits, namespaces)
+#   FANOUT_REDIS_REPLICAS  replicas per master with --cluster (default 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -305,8 +306,12 @@ start_redis_single() {
 }
 
 start_redis_cluster() {
-  local ports=() port i
-  for i in 1 2 3; do
+  # Three masters, each with FANOUT_REDIS_REPLICAS replicas (default 0): with
+  # replicas, a `CLUSTER FAILOVER` or a dead master fails over.
+  local replicas=${FANOUT_REDIS_REPLICAS:-0}
+  [[ $replicas =~ ^[0-9]$ ]] || die "FANOUT_REDIS_REPLICAS must be 0-9"
+  local count=$((3 * (1 + replicas))) ports=() port i
+  for i in $(seq 1 "$count"); do
     port=$(pick_port "" bus)
     ports+=("$port")
     mkdir -p "$STATE/redis-$i"
@@ -315,16 +320,23 @@ start_redis_cluster() {
       --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 5000 \
       --dir "$STATE/redis-$i" --save "" --appendonly no --daemonize no
   done
-  for i in 1 2 3; do
+  for i in $(seq 1 "$count"); do
     wait_for "redis-$i" 15 redis-cli -p "${ports[$((i - 1))]}" ping ||
       { cat "$LOGDIR/redis-$i.log" >&2; return 1; }
   done
-  redis-cli --cluster create "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "127.0.0.1:${ports[2]}" \
-    --cluster-replicas 0 --cluster-yes >"$LOGDIR/redis-cluster-create.log" 2>&1 ||
+  local nodes=()
+  for port in "${ports[@]}"; do nodes+=("127.0.0.1:$port"); done
+  redis-cli --cluster create "${nodes[@]}" \
+    --cluster-replicas "$replicas" --cluster-yes >"$LOGDIR/redis-cluster-create.log" 2>&1 ||
     { cat "$LOGDIR/redis-cluster-create.log" >&2; return 1; }
   for port in "${ports[@]}"; do
     wait_for redis-cluster 20 sh -c "redis-cli -p $port cluster info | grep -q '^cluster_state:ok'" ||
-      { echo "Redis Cluster not ok:"; redis-cli -p "$port" cluster info; return 1; }
+      { echo "Redis Cluster not ok:" >&2; redis-cli -p "$port" cluster info >&2; return 1; }
+  done
+  # Every replica in sync before anyone relies on a failover.
+  for port in "${ports[@]}"; do
+    wait_for redis-cluster 20 sh -c "redis-cli -p $port info replication | grep -Eq '^role:master|^master_link_status:up'" ||
+      { echo "Redis replica on $port not in sync" >&2; return 1; }
   done
   REDIS_URL="redis-cluster://127.0.0.1:${ports[0]},127.0.0.1:${ports[1]},127.0.0.1:${ports[2]}"
   REDIS_PORTS="${ports[*]}"
