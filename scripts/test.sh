@@ -68,9 +68,14 @@ target_dir=$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-$target_dir/debug/fanout-edge}" scripts/validate-deploy.sh
 
-# The TypeScript SDK and React hooks: unit tests, tests against the edge built above, and
-# the browser tests (real Chromium, three edges behind HAProxy, real Redis). Packages
-# come from the committed lockfile.
+# The Python worker package (clients/python): lint, types, and tests against real Redis,
+# Redis Cluster, Sentinel and the edge built above, in a venv (.tmp/venv-python) that the
+# browser tests below also use for the example's backend and worker.
+FANOUT_EDGE_BIN="${FANOUT_EDGE_BIN:-$target_dir/debug/fanout-edge}" scripts/test-python.sh
+# The TypeScript SDK, React hooks and server helper: unit tests, tests against the edge
+# built above, and the browser tests (real Chromium, three edges behind HAProxy, real
+# Redis; the job-progress example with its Python backend and worker). Packages come
+# from the committed lockfile.
 (
   cd clients/typescript
   npm ci --no-audit --no-fund

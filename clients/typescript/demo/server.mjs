@@ -1,6 +1,6 @@
 // The demo's backend, as the FastAPI/Next.js apps of the field have one: it serves the
 // page, mints the user's token (`/token`), and plays the worker — `/jobs` runs a job
-// that publishes its progress, `/notify` sends the user a notification — through the
+// (one step per row of a posted CSV) that publishes its progress, `/notify` sends the user a notification — through the
 // edge's server API. Settings from the environment:
 //   FANOUT_URL          the edge (or load balancer), default http://127.0.0.1:8080
 //   FANOUT_JWT_SECRET   the edge's HS256 secret, FANOUT_ADMIN_TOKEN its admin token
@@ -39,13 +39,27 @@ async function publish(channel, data, event) {
   if (!r.ok) console.error(`publish ${channel}: ${r.status} ${await r.text()}`);
 }
 
-/** A fake job: ten steps of progress, then `succeeded` (the edge ends the subscriptions). */
-async function runJob(id) {
-  for (let step = 1; step <= 10; step++) {
-    await new Promise((r) => setTimeout(r, 300));
-    await publish(`job_progress:${id}`, { status: "running", pct: step * 10 }, "progress");
+/** A fake job: `steps` steps of progress, then `succeeded` (the edge ends the subscriptions). */
+async function runJob(id, steps) {
+  for (let step = 1; step <= steps; step++) {
+    await new Promise((r) => setTimeout(r, 3000 / steps));
+    const pct = Math.round((step * 100) / steps);
+    await publish(`job_progress:${id}`, { status: "running", pct, message: `${step}/${steps}` }, "progress");
   }
-  await publish(`job_progress:${id}`, { status: "succeeded", pct: 100 }, "done");
+  await publish(`job_progress:${id}`, { status: "succeeded", pct: 100 }, "completed");
+}
+
+/** The rows of an uploaded CSV (after its header), at most 1000; 10 without one. */
+async function rows(req) {
+  let size = 0;
+  const chunks = [];
+  for await (const c of req) {
+    size += c.length;
+    if (size > 1 << 20) throw new Error("CSV over 1 MiB");
+    chunks.push(c);
+  }
+  const lines = Buffer.concat(chunks).toString().split(/\r?\n/).filter((l) => l.trim());
+  return lines.length ? Math.min(1000, Math.max(1, lines.length - 1)) : 10;
 }
 
 const pages = {
@@ -63,8 +77,14 @@ http
       return res.end(token(user));
     }
     if (url.pathname === "/jobs" && req.method === "POST") {
+      let steps;
+      try {
+        steps = await rows(req);
+      } catch (e) {
+        return res.writeHead(413, { "content-type": "text/plain" }).end(String(e.message));
+      }
       const id = randomBytes(4).toString("hex");
-      void runJob(id);
+      void runJob(id, steps);
       res.writeHead(200, { "content-type": "application/json" });
       return res.end(JSON.stringify({ id }));
     }

@@ -24,7 +24,11 @@ export interface Cluster {
   dir: string;
   secret: string;
   admin: string;
+  /** What the edges use: redis://… or redis-cluster://… */
+  redisUrl: string;
+  /** The first Redis port; with a Redis Cluster, `redisPorts` has every node's. */
   redisPort: number;
+  redisPorts: number[];
   edgePorts: number[];
   lbPort: number;
   pid(name: string): number;
@@ -50,8 +54,11 @@ function settings(file: string): Record<string, string> {
   return out;
 }
 
-/** Starts Redis, three edges (drain window `drainSecs`) and HAProxy. */
-export async function startCluster(drainSecs = 1, config?: string): Promise<Cluster> {
+/**
+ * Starts Redis, three edges (drain window `drainSecs`) and HAProxy. With
+ * `redisClusterReplicas`, Redis is a 3-master Redis Cluster with that many replicas each.
+ */
+export async function startCluster(drainSecs = 1, config?: string, redisClusterReplicas?: number): Promise<Cluster> {
   const dir = mkdtempSync(path.join(tmpdir(), "fanout-e2e-"));
   const binDir = process.env.FANOUT_BIN_DIR ?? path.join(ROOT, "target/debug");
   if (!existsSync(path.join(binDir, "fanout-edge"))) {
@@ -60,8 +67,10 @@ export async function startCluster(drainSecs = 1, config?: string): Promise<Clus
     );
   }
   const ports = await Promise.all([0, 1, 2, 3, 4].map(() => freePort()));
-  execFileSync(path.join(ROOT, "scripts/local-cluster.sh"), ["start", "--detach"], {
+  const args = redisClusterReplicas === undefined ? ["start", "--detach"] : ["start", "--cluster", "--detach"];
+  execFileSync(path.join(ROOT, "scripts/local-cluster.sh"), args, {
     env: {
+      ...(redisClusterReplicas === undefined ? {} : { FANOUT_REDIS_REPLICAS: String(redisClusterReplicas) }),
       ...process.env,
       FANOUT_CLUSTER_DIR: dir,
       FANOUT_BIN_DIR: binDir,
@@ -78,7 +87,9 @@ export async function startCluster(drainSecs = 1, config?: string): Promise<Clus
     dir,
     secret: e.FANOUT_JWT_SECRET!,
     admin: e.FANOUT_ADMIN_TOKEN!,
-    redisPort: Number(e.REDIS_PORTS),
+    redisUrl: e.FANOUT_REDIS_URL!,
+    redisPort: Number(e.REDIS_PORTS!.split(" ")[0]),
+    redisPorts: e.REDIS_PORTS!.split(" ").map(Number),
     edgePorts: [Number(e.EDGE1_PORT), Number(e.EDGE2_PORT), Number(e.EDGE3_PORT)],
     lbPort: Number(e.LB_PORT),
     pid: (name) => Number(readFileSync(path.join(dir, "pids", `${name}.pid`), "utf8").trim()),
@@ -145,11 +156,11 @@ export async function waitUntil(what: string, check: () => Promise<boolean> | bo
 
 const b64 = (s: string) => Buffer.from(s).toString("base64url");
 
-/** An HS256 connection token for `sub`, valid `ttlSecs`. */
-export function token(secret: string, sub: string, ttlSecs = 3600): string {
+/** An HS256 connection token for `sub`, valid `ttlSecs`, granting `channels` (patterns). */
+export function token(secret: string, sub: string, ttlSecs = 3600, channels?: string[]): string {
   const header = b64(JSON.stringify({ alg: "HS256", typ: "JWT" }));
   const now = Math.floor(Date.now() / 1000);
-  const payload = b64(JSON.stringify({ sub, exp: now + ttlSecs, iat: now }));
+  const payload = b64(JSON.stringify({ sub, exp: now + ttlSecs, iat: now, ...(channels ? { channels } : {}) }));
   const sig = createHmac("sha256", secret).update(`${header}.${payload}`).digest("base64url");
   return `${header}.${payload}.${sig}`;
 }
@@ -186,8 +197,9 @@ export async function startPages(c: Cluster): Promise<{ origin: string; stop: ()
     if (url.pathname === "/token") {
       const user = url.searchParams.get("user") ?? "e2e";
       const ttl = Number(url.searchParams.get("ttl") ?? 3600);
+      const channels = url.searchParams.getAll("grant");
       res.writeHead(200, { "content-type": "text/plain", "cache-control": "no-store" });
-      res.end(token(c.secret, user, ttl));
+      res.end(token(c.secret, user, ttl, channels.length ? channels : undefined));
       return;
     }
     const file = files[url.pathname];
@@ -259,4 +271,63 @@ export async function startDemo(c: Cluster): Promise<{ origin: string; stop: () 
   });
   await waitUntil("the demo server", () => reachable(port));
   return { origin: `http://127.0.0.1:${port}`, stop: () => child.kill("SIGKILL") };
+}
+
+/** The Python with the `fanout` package, FastAPI and uvicorn (scripts/test-python.sh makes it). */
+export const PYTHON = process.env.FANOUT_PYTHON ?? path.join(ROOT, ".tmp/venv-python/bin/python");
+
+export interface Example {
+  origin: string;
+  /** Starts the worker (again); resolves once it takes jobs. */
+  startWorker(): Promise<void>;
+  /** `kill -9` of the worker. */
+  killWorker(): void;
+  stop(): void;
+}
+
+/**
+ * `examples/job-progress` next to the cluster: its FastAPI backend (uvicorn) serving the
+ * demo page, and its worker publishing into the cluster's Redis with the Python package.
+ */
+export async function startExample(c: Cluster, rowSeconds = 0.05): Promise<Example> {
+  if (!existsSync(PYTHON)) throw new Error(`no ${PYTHON}: run scripts/test-python.sh first, or set FANOUT_PYTHON`);
+  const dir = path.join(ROOT, "examples/job-progress");
+  const port = await freePort();
+  const env = {
+    ...process.env,
+    FANOUT_REDIS_URL: c.redisUrl,
+    FANOUT_JWT_SECRET: c.secret,
+    FANOUT_WS_URL: `ws://127.0.0.1:${c.lbPort}/ws`,
+    EXAMPLE_ROW_SECONDS: String(rowSeconds),
+    PYTHONUNBUFFERED: "1",
+  };
+  const backend = spawn(PYTHON, ["-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", String(port), "--log-level", "warning"], {
+    cwd: dir,
+    env,
+    stdio: ["ignore", "ignore", "inherit"],
+  });
+  let worker: ReturnType<typeof spawn> | null = null;
+  const startWorker = () =>
+    new Promise<void>((resolve, reject) => {
+      const w = spawn(PYTHON, ["worker.py"], { cwd: dir, env, stdio: ["ignore", "ignore", "pipe"] });
+      worker = w;
+      let log = "";
+      w.stderr!.on("data", (d: Buffer) => {
+        log += d.toString();
+        if (process.env.E2E_DEBUG) process.stderr.write(d);
+        if (log.includes("worker ready")) resolve();
+      });
+      w.on("exit", (code, signal) => reject(new Error(`worker exited (${code ?? signal}) before ready: ${log}`)));
+    });
+  await waitUntil("the example backend", () => reachable(port));
+  await startWorker();
+  return {
+    origin: `http://127.0.0.1:${port}`,
+    startWorker,
+    killWorker: () => worker?.kill("SIGKILL"),
+    stop: () => {
+      worker?.kill("SIGKILL");
+      backend.kill("SIGKILL");
+    },
+  };
 }

@@ -1,7 +1,7 @@
 /**
  * The demo: the three things web apps build on fanout, each on the hooks.
- * - Jobs: "Start a job" asks the demo backend to run one (it publishes progress as a
- *   worker would); `useJobProgress` draws the bar until the job completes.
+ * - Jobs: "Start a job" (or a CSV upload) asks the backend to run one (a worker
+ *   publishes its progress); `useJobProgress` draws the bar until the job completes.
  * - Notifications: the user's own channel `user:<id>` through `useChannel`.
  * - Chat: `chat:lobby` with `useChannel` and `publish`, who is here with
  *   `usePresence`, typing indicators on `typing:lobby` (nothing kept).
@@ -44,11 +44,19 @@ function Header() {
 }
 
 function Job({ id }: { id: string }) {
-  const { latest, status, completed } = useJobProgress<{ pct?: number; status?: string }>(id);
-  const pct = Math.round(latest?.pct ?? 0);
+  const { latest, status, completed } = useJobProgress<{ pct?: number; status?: string; message?: string }>(id);
+  // A worker's `completed` message carries a result, not a percentage.
+  const pct = status === "succeeded" ? 100 : Math.round(latest?.pct ?? 0);
   return (
-    <div className={`job ${status ?? ""}`} data-testid={`job-${id}`} data-status={status ?? ""} data-completed={completed}>
+    <div
+      className={`job ${status ?? ""}`}
+      data-testid={`job-${id}`}
+      data-status={status ?? ""}
+      data-completed={completed}
+      data-pct={pct}
+    >
       job {id}: {status ?? "waiting"} {pct}%{completed ? " ✓" : ""}
+      {latest?.message ? <small> — {latest.message}</small> : null}
       <div className="bar">
         <div style={{ width: `${pct}%` }} />
       </div>
@@ -58,17 +66,35 @@ function Job({ id }: { id: string }) {
 
 function Jobs() {
   const [jobs, setJobs] = useState<string[]>([]);
-  const start = async () => {
-    const r = await fetch(`/jobs?user=${encodeURIComponent(user)}`, { method: "POST" });
+  /** Starts a job on the backend: a CSV to process (one progress step per row), or none. */
+  const start = async (csv?: File) => {
+    const r = await fetch(`/jobs?user=${encodeURIComponent(user)}`, {
+      method: "POST",
+      ...(csv ? { body: csv, headers: { "content-type": "text/csv" } } : {}),
+    });
+    if (!r.ok) throw new Error(`start a job: ${r.status} ${await r.text()}`);
     const { id } = (await r.json()) as { id: string };
     setJobs((j) => [id, ...j]);
   };
   return (
     <section>
       <h2>Jobs</h2>
-      <button onClick={start} data-testid="start-job">
+      <button onClick={() => void start()} data-testid="start-job">
         Start a job
-      </button>
+      </button>{" "}
+      <label>
+        or enrich a CSV:{" "}
+        <input
+          type="file"
+          accept=".csv,text/csv"
+          data-testid="upload"
+          onChange={(e) => {
+            const file = e.target.files?.[0];
+            e.target.value = "";
+            if (file) void start(file);
+          }}
+        />
+      </label>
       {jobs.map((id) => (
         <Job key={id} id={id} />
       ))}

@@ -148,8 +148,11 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
-/// How often the cluster's slot map is read.
-const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the cluster's slot map is read. Between a failover and the next read the
+/// moved shard's channels are deaf (Redis has unsubscribed them), and what is published
+/// meanwhile comes back only through history: this bounds the gap that history must
+/// cover. A read is one `CLUSTER SLOTS`, four a second per node.
+const TOPOLOGY_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Which primary owns which slots, as a comparable value.
 fn slot_map(client: &Client) -> Vec<(u16, u16, String)> {

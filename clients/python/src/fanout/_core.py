@@ -1,0 +1,371 @@
+"""What the sync and async publishers share: validation, the envelope body, policies,
+the script arguments, the error classification and the retry schedule.
+
+Everything here mirrors crates/fanout-publisher (lib.rs) and crates/fanout-protocol
+(channel.rs, layout.rs, envelope.rs)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import secrets
+import string
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Final, Literal
+
+import redis.exceptions as rx
+
+from ._errors import (
+    DataNotSerializableError,
+    InvalidChannelError,
+    InvalidIdempotencyKeyError,
+    UnexpectedReplyError,
+)
+
+MAX_CHANNEL_LEN: Final = 255
+MAX_IDEMPOTENCY_KEY_LEN: Final = 128
+DEDUP_WINDOW_SECS: Final = 300
+DEDUP_MAX_KEYS: Final = 10_000
+ENVELOPE_VERSION: Final = 1
+TERMINAL_STATUSES: Final = ("succeeded", "failed", "cancelled")
+
+JobStatus = Literal["succeeded", "failed", "cancelled"]
+
+_CHANNEL_CHARS: Final = frozenset(string.ascii_letters + string.digits + "_-.:@=+/|")
+_EPOCH_CHARS: Final = string.ascii_letters + string.digits
+
+
+def _script(name: str) -> bytes:
+    return resources.files("fanout").joinpath("scripts", name).read_bytes()
+
+
+#: The publish script, crates/fanout-protocol/src/publish.lua, as shipped in the package.
+PUBLISH_SCRIPT: Final[bytes] = _script("publish.lua")
+#: The history script, crates/fanout-protocol/src/history.lua, as shipped in the package.
+HISTORY_SCRIPT: Final[bytes] = _script("history.lua")
+PUBLISH_SCRIPT_SHA: Final[str] = hashlib.sha1(PUBLISH_SCRIPT).hexdigest()
+HISTORY_SCRIPT_SHA: Final[str] = hashlib.sha1(HISTORY_SCRIPT).hexdigest()
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a publication landed in its channel's history."""
+
+    offset: int
+    epoch: str
+    #: True when this idempotency key had already been applied: nothing was published
+    #: now, and offset/epoch are where the first publish landed.
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a publish is resent after a transient failure (same defaults as Rust)."""
+
+    #: Seconds a publish may take, attempts and backoff included; 0 = one attempt.
+    deadline: float = 10.0
+    #: Seconds one attempt may go unanswered before it is resent.
+    attempt_timeout: float = 2.0
+    #: The first backoff, doubled after each failed attempt (with +-25 % jitter).
+    initial_backoff: float = 0.02
+    #: The longest backoff.
+    max_backoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class DedupPolicy:
+    """How long and how many idempotency keys a channel remembers."""
+
+    window: float = DEDUP_WINDOW_SECS
+    max_keys: int = DEDUP_MAX_KEYS
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """How much history a namespace keeps."""
+
+    #: Messages kept; 0 keeps none (offsets and epoch are still assigned).
+    size: int = 100
+    #: Seconds history (and the offset/epoch) outlives the last publish.
+    ttl: float = 3600
+    #: For job_progress: seconds a finished job's history lives after its terminal
+    #: message; None = ttl.
+    finished_ttl: float | None = None
+
+
+def builtin_history() -> dict[str, HistoryPolicy]:
+    """The per-namespace defaults of the Rust publisher: job_progress keeps 100 messages
+    for 24 h, 1 h after the job finished."""
+    return {"job_progress": HistoryPolicy(size=100, ttl=24 * 3600, finished_ttl=3600)}
+
+
+def validate_channel(channel: object) -> str:
+    """Returns the channel's namespace; raises InvalidChannelError (the Rust crate's rules)."""
+    if not isinstance(channel, str):
+        raise InvalidChannelError(f"channel name must be a str, not {type(channel).__name__}")
+    if channel == "":
+        raise InvalidChannelError("invalid channel: channel name is empty")
+    if len(channel.encode()) > MAX_CHANNEL_LEN:
+        raise InvalidChannelError(
+            f"invalid channel: channel name is longer than {MAX_CHANNEL_LEN} bytes"
+        )
+    for c in channel:
+        if c not in _CHANNEL_CHARS:
+            raise InvalidChannelError(
+                f"invalid channel {channel!r}: character {c!r} is outside [A-Za-z0-9_.:@=+/|-]"
+            )
+    ns, sep, rest = channel.partition(":")
+    if not sep or not ns or not rest:
+        raise InvalidChannelError(f"invalid channel {channel!r}: must be `namespace:rest`")
+    return ns
+
+
+def valid_idempotency_key(key: str) -> bool:
+    """1 to 128 printable ASCII characters without spaces."""
+    return (
+        0 < len(key) <= MAX_IDEMPOTENCY_KEY_LEN
+        and key.isascii()
+        and all(33 <= ord(c) <= 126 for c in key)
+    )
+
+
+def check_idempotency_key(key: object) -> str:
+    if not isinstance(key, str) or not valid_idempotency_key(key):
+        raise InvalidIdempotencyKeyError(
+            f"invalid idempotency key {key!r}: 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII "
+            "characters, no spaces"
+        )
+    return key
+
+
+def new_idempotency_key() -> str:
+    """A fresh idempotency key: 16 random bytes as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+def new_epoch() -> str:
+    """12 random alphanumerics, used only if the channel has no epoch yet."""
+    return "".join(secrets.choice(_EPOCH_CHARS) for _ in range(12))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_data(data: Any) -> str:
+    """The data as compact JSON; DataNotSerializableError before anything is sent."""
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise DataNotSerializableError(f"data does not serialize to JSON: {e}") from e
+
+
+def encode_body(event: str | None, data_json: str, ts: int) -> str:
+    """``{"fanout":1,"ts":…,"event":…,"data":…}``: the envelope without offset and epoch,
+    which the script prepends (Envelope::encode_body)."""
+    if event is not None and not isinstance(event, str):
+        raise DataNotSerializableError(f"event must be a str, not {type(event).__name__}")
+    ev = "" if not event else f'"event":{json.dumps(event, ensure_ascii=False)},'
+    return f'{{"fanout":{ENVELOPE_VERSION},"ts":{ts},{ev}"data":{data_json}}}'
+
+
+def is_terminal(data: Any) -> bool:
+    return isinstance(data, Mapping) and data.get("status") in TERMINAL_STATUSES
+
+
+def progress_data(
+    pct: float | None, message: str | None, extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"status": "running"}
+    if pct is not None:
+        data["pct"] = float(pct)
+    if message is not None:
+        data["message"] = message
+    data.update(extra)
+    return data
+
+
+def completion_data(status: str, result: Any) -> dict[str, Any]:
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(
+            f"job status must be one of {', '.join(TERMINAL_STATUSES)}, not {status!r}"
+        )
+    return {"status": status, "result": result}
+
+
+def job_channel(job_id: object) -> str:
+    return f"job_progress:{job_id}"
+
+
+def user_channel(user: object) -> str:
+    return f"user:{user}"
+
+
+def meta_key(channel: str) -> str:
+    return f"fanout:{{{channel}}}:meta"
+
+
+def history_key(channel: str) -> str:
+    return f"fanout:{{{channel}}}:history"
+
+
+def dedup_key(channel: str) -> str:
+    return f"fanout:{{{channel}}}:dedup"
+
+
+@dataclass
+class Prepared:
+    """One logical publish: made once, every resend carries the same body, epoch and key."""
+
+    channel: str
+    key: str
+    keys: list[str]
+    args: list[str | int]
+
+
+@dataclass
+class Settings:
+    sharded: bool
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    dedup: DedupPolicy = field(default_factory=DedupPolicy)
+    default_history: HistoryPolicy = field(default_factory=HistoryPolicy)
+    history: dict[str, HistoryPolicy] = field(default_factory=builtin_history)
+
+    def history_for(self, namespace: str) -> HistoryPolicy:
+        return self.history.get(namespace, self.default_history)
+
+    def prepare(
+        self,
+        channel: str,
+        data: Any,
+        event: str | None,
+        idempotency_key: str | None,
+        *,
+        data_json: str | None = None,
+        ts: int | None = None,
+    ) -> Prepared:
+        namespace = validate_channel(channel)
+        key = new_idempotency_key() if idempotency_key is None else idempotency_key
+        check_idempotency_key(key)
+        if data_json is None:
+            data_json = encode_data(data)
+        body = encode_body(event, data_json, now_ms() if ts is None else ts)
+        policy = self.history_for(namespace)
+        finished = 0
+        if (
+            policy.finished_ttl is not None
+            and channel.startswith("job_progress:")
+            and is_terminal(data)
+        ):
+            finished = max(1, math.ceil(policy.finished_ttl))
+        args: list[str | int] = [
+            channel,
+            body,
+            int(policy.size),
+            max(1, int(policy.ttl)),
+            new_epoch(),
+            "1" if self.sharded else "0",
+            finished,
+            key,
+            max(1, int(self.dedup.window)),
+            max(1, int(self.dedup.max_keys)),
+        ]
+        return Prepared(
+            channel, key, [meta_key(channel), history_key(channel), dedup_key(channel)], args
+        )
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def parse_ack(reply: object) -> Position:
+    """``{offset, epoch}`` or, with an idempotency key, ``{offset, epoch, duplicate}``."""
+    if not isinstance(reply, list | tuple) or len(reply) not in (2, 3):
+        raise UnexpectedReplyError(f"unexpected reply from the publish script: {reply!r}")
+    offset, epoch = reply[0], reply[1]
+    if not isinstance(offset, int) or not isinstance(epoch, str | bytes):
+        raise UnexpectedReplyError(f"unexpected reply from the publish script: {reply!r}")
+    duplicate = len(reply) == 3 and reply[2] == 1
+    return Position(offset=offset, epoch=_text(epoch), duplicate=duplicate)
+
+
+_TRANSIENT_PREFIXES: Final = (
+    "MOVED",
+    "ASK",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "BUSY",
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether resending the same publish may succeed: connection loss, timeouts, cluster
+    redirections and transitions, a replica or loading server (is_transient in Rust).
+    Script errors, authentication and configuration errors are not."""
+    if isinstance(e, rx.AuthenticationError | rx.AuthorizationError):
+        return False
+    if isinstance(
+        e,
+        rx.ConnectionError
+        | rx.TimeoutError
+        | rx.ClusterError
+        | rx.ClusterDownError
+        | rx.TryAgainError
+        | rx.MasterDownError
+        | rx.ReadOnlyError
+        | rx.MovedError
+        | rx.AskError
+        | rx.SlotNotCoveredError
+        | rx.BusyLoadingError
+        | TimeoutError
+        | ConnectionError
+        | OSError,
+    ):
+        return True
+    if isinstance(e, rx.RedisClusterException):
+        # "Redis Cluster cannot be connected", "No way to dispatch this command..."
+        return True
+    if isinstance(e, rx.ResponseError):
+        first = str(e).split(" ", 1)[0]
+        return first in _TRANSIENT_PREFIXES
+    return False
+
+
+def jitter(d: float) -> float:
+    """d +-25 %, so that publishers that failed together do not resend in lockstep."""
+    return d * random.uniform(0.75, 1.25)
+
+
+class Backoff:
+    """The retry schedule of one publish."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.started = time.monotonic()
+        self.deadline = self.started + policy.deadline
+        self.next = policy.initial_backoff
+        self.attempts = 0
+
+    def attempt_limit(self) -> float:
+        left = self.deadline - time.monotonic()
+        return min(self.policy.attempt_timeout, max(left, 0.001))
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def sleep_for(self) -> float | None:
+        """The next backoff, or None when the deadline would pass first (give up)."""
+        if self.policy.deadline <= 0 or time.monotonic() + self.next >= self.deadline:
+            return None
+        d = jitter(self.next)
+        self.next = min(self.next * 2, self.policy.max_backoff)
+        return d

@@ -1,0 +1,1 @@
+../../../../../crates/fanout-protocol/src/publish.lua
