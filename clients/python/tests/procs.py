@@ -53,6 +53,34 @@ def wait_until(what: str, check: Any, within: float = 20.0, every: float = 0.05)
         time.sleep(every)
 
 
+def redis_cli(port: int, *args: str) -> str:
+    out = subprocess.run(
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+        capture_output=True,
+        timeout=10,
+        check=True,
+    )
+    return out.stdout.decode().strip()
+
+
+def check_alive(proc: subprocess.Popen[bytes] | None, what: str, log: Path) -> None:
+    """Raises (ending wait_until at once) when ``proc`` has exited, with its log's tail."""
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"{what} exited: {log.read_text()[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if it is still running after 5 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisServer:
     def __init__(self, *args: str, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -86,9 +114,7 @@ class RedisServer:
         )
 
         def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                log = Path(self.dir, "redis.log")
-                raise RuntimeError(f"redis-server exited: {log.read_text()[-2000:]}")
+            check_alive(self.proc, "redis-server", Path(self.dir, "redis.log"))
             return self.cli("PING") == "PONG"
 
         wait_until(f"redis-server on {self.port}", up)
@@ -98,13 +124,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
-            capture_output=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.decode().strip()
+        return redis_cli(self.port, *args)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -112,12 +132,7 @@ class RedisServer:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -270,13 +285,7 @@ class RedisSentinel:
         return f"redis-sentinel://127.0.0.1:{self.port}/{self.SERVICE}"
 
     def cli(self, *args: str) -> str:
-        out = subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
-            capture_output=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.decode().strip()
+        return redis_cli(self.port, *args)
 
     def primary_port(self) -> int:
         return int(self.cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE).split()[-1])
@@ -298,12 +307,7 @@ class RedisSentinel:
         return new
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self.primary.stop()
         self.replica.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -344,8 +348,7 @@ class Edge:
             raise
 
     def ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"the edge exited: {Path(self.log.name).read_text()[-2000:]}")
+        check_alive(self.proc, "the edge", Path(self.log.name))
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
             return bool(r.status == 200)
 
@@ -354,13 +357,7 @@ class Edge:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log.name)

@@ -6,26 +6,36 @@ Everything here mirrors crates/fanout-publisher (lib.rs) and crates/fanout-proto
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import random
 import secrets
 import string
 import time
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Final, Literal
+from types import ModuleType, TracebackType
+from typing import Any, Final, Generic, Literal, Self, TypeVar
 
 import redis.exceptions as rx
 
 from ._errors import (
     DataNotSerializableError,
+    FanoutError,
+    GaveUpError,
     InvalidChannelError,
     InvalidIdempotencyKeyError,
+    PublishError,
     UnexpectedReplyError,
 )
+from ._url import ParsedURL, parse_url
+
+log = logging.getLogger("fanout")
 
 MAX_CHANNEL_LEN: Final = 255
 MAX_IDEMPOTENCY_KEY_LEN: Final = 128
@@ -202,6 +212,18 @@ def job_channel(job_id: object) -> str:
     return f"job_progress:{job_id}"
 
 
+def progress_message(
+    job_id: object, pct: float | None, message: str | None, extra: Mapping[str, Any]
+) -> tuple[str, dict[str, Any], str]:
+    """(channel, data, event) of a job_progress publish."""
+    return job_channel(job_id), progress_data(pct, message, extra), "progress"
+
+
+def completion_message(job_id: object, status: str, result: Any) -> tuple[str, dict[str, Any], str]:
+    """(channel, data, event) of a job_completed publish; ValueError for a bad status."""
+    return job_channel(job_id), completion_data(status, result), "completed"
+
+
 def user_channel(user: object) -> str:
     return f"user:{user}"
 
@@ -278,6 +300,73 @@ class Settings:
         return Prepared(
             channel, key, [meta_key(channel), history_key(channel), dedup_key(channel)], args
         )
+
+
+def make_settings(
+    sharded: bool,
+    retry: RetryPolicy | None = None,
+    dedup: DedupPolicy | None = None,
+    default_history: HistoryPolicy | None = None,
+    history: Mapping[str, HistoryPolicy] | None = None,
+) -> Settings:
+    s = Settings(sharded=sharded)
+    if retry is not None:
+        s.retry = retry
+    if dedup is not None:
+        s.dedup = dedup
+    if default_history is not None:
+        s.default_history = default_history
+    if history:
+        s.history.update(history)
+    return s
+
+
+def client_options(retry: RetryPolicy, options: Mapping[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "socket_timeout": retry.attempt_timeout,
+        "socket_connect_timeout": retry.attempt_timeout,
+    }
+    opts.update(options)
+    return opts
+
+
+def client_factory(parsed: ParsedURL, opts: dict[str, Any], lib: ModuleType) -> Any:
+    """A function making the redis-py client for ``parsed``. ``lib`` is ``redis`` or
+    ``redis.asyncio`` (with its cluster and sentinel submodules imported): both expose
+    the same constructors, so only the module differs between sync and async."""
+
+    def single() -> Any:
+        return lib.Redis.from_url(parsed.url, **opts)
+
+    def cluster() -> Any:
+        nodes = [lib.cluster.ClusterNode(h, p) for h, p in parsed.hosts]
+        return lib.cluster.RedisCluster(
+            startup_nodes=nodes,
+            username=parsed.username,
+            password=parsed.password,
+            ssl=parsed.tls,
+            **opts,
+        )
+
+    def sentinel() -> Any:
+        s = lib.sentinel.Sentinel(
+            parsed.hosts,
+            sentinel_kwargs={
+                "socket_timeout": opts["socket_timeout"],
+                "socket_connect_timeout": opts["socket_connect_timeout"],
+                "ssl": parsed.tls,
+            },
+            **opts,
+        )
+        return s.master_for(
+            parsed.service or "",
+            username=parsed.username,
+            password=parsed.password,
+            db=parsed.db,
+            ssl=parsed.tls,
+        )
+
+    return {"single": single, "cluster": cluster, "sentinel": sentinel}[parsed.kind]
 
 
 def _text(v: object) -> str:
@@ -369,3 +458,256 @@ class Backoff:
         d = jitter(self.next)
         self.next = min(self.next * 2, self.policy.max_backoff)
         return d
+
+
+# ----- what the sync and async publishers share around their I/O -----
+
+
+def acknowledged(prepared: Prepared, reply: object, attempts: int) -> Position:
+    """The Position in the publish script's reply, logged if it was not a plain first ack."""
+    ack = parse_ack(reply)
+    if ack.duplicate:
+        log.info(
+            "publish to %s was already applied (same idempotency key); offset %d",
+            prepared.channel,
+            ack.offset,
+        )
+    elif attempts > 1:
+        log.info("publish to %s acknowledged after %d attempts", prepared.channel, attempts)
+    return ack
+
+
+def resend_pause(prepared: Prepared, e: Exception, backoff: Backoff, where: str) -> float:
+    """Seconds to wait before resending after ``e``; raises PublishError when ``e`` is not
+    transient, GaveUpError when the deadline would pass first."""
+    if not is_transient(e):
+        raise PublishError(f"redis refused the publish to {prepared.channel}: {e}") from e
+    pause = backoff.sleep_for()
+    if pause is None:
+        raise GaveUpError(
+            prepared.channel, backoff.attempts, backoff.elapsed(), e, prepared.key, where
+        ) from e
+    log.debug(
+        "publish to %s failed transiently (%s); resending with the same key",
+        prepared.channel,
+        e,
+    )
+    return pause
+
+
+class Closing:
+    """``with x:`` closes ``x``."""
+
+    def close(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClosing:
+    """``async with x:`` closes ``x``."""
+
+    async def close(self) -> object:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class PublisherBase:
+    """Construction and configuration of Publisher and AsyncPublisher; they add the I/O."""
+
+    #: The redis-py module their clients come from (``redis`` or ``redis.asyncio``).
+    _redis_lib: ModuleType
+
+    def __init__(self, client_factory: Any, *, where: str, settings: Settings) -> None:
+        self._factory = client_factory
+        self._client: Any = None
+        self._where = where
+        self._settings = settings
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        retry: RetryPolicy | None = None,
+        dedup: DedupPolicy | None = None,
+        default_history: HistoryPolicy | None = None,
+        history: Mapping[str, HistoryPolicy] | None = None,
+        **redis_options: Any,
+    ) -> Self:
+        """Publishes through ``redis://``, ``rediss://``, ``redis-cluster://h1:p1,h2:p2``
+        (sharded pub/sub) or ``redis-sentinel://s1:p1,s2:p2/<service>[/db]``. Nothing is
+        connected until the first publish (a worker may start before Redis). Extra
+        keyword options go to the redis-py client (e.g. ``ssl_ca_certs``)."""
+        parsed = parse_url(url)
+        opts = client_options(retry or RetryPolicy(), redis_options)
+        settings = make_settings(parsed.kind == "cluster", retry, dedup, default_history, history)
+        factory = client_factory(parsed, opts, cls._redis_lib)
+        return cls(factory, where=parsed.where(), settings=settings)
+
+    def with_history(
+        self,
+        namespace: str,
+        size: int = 100,
+        ttl: float = 3600,
+        finished_ttl: float | None = None,
+    ) -> Self:
+        """Sets the history kept for channels of ``namespace`` (returns self)."""
+        self._settings.history[namespace] = HistoryPolicy(size, ttl, finished_ttl)
+        return self
+
+    def with_default_history(
+        self, size: int = 100, ttl: float = 3600, finished_ttl: float | None = None
+    ) -> Self:
+        """Sets the history of namespaces with no policy of their own (returns self)."""
+        self._settings.default_history = HistoryPolicy(size, ttl, finished_ttl)
+        return self
+
+    def with_retry(self, retry: RetryPolicy) -> Self:
+        """Sets how publishes are retried (returns self)."""
+        self._settings.retry = retry
+        return self
+
+    def with_dedup(self, dedup: DedupPolicy) -> Self:
+        """Sets how long / how many idempotency keys a channel remembers (returns self)."""
+        self._settings.dedup = dedup
+        return self
+
+    def history_for(self, namespace: str) -> HistoryPolicy:
+        return self._settings.history_for(namespace)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._settings.retry
+
+    @property
+    def sharded(self) -> bool:
+        """Whether publishes use SPUBLISH (Redis Cluster)."""
+        return self._settings.sharded
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FanoutError("the publisher is closed")
+
+
+def history_call(channel: str, after: int, limit: int) -> tuple[bytes, str, list[str], list[Any]]:
+    """The (script, sha, keys, args) of a history read."""
+    validate_channel(channel)
+    keys = [meta_key(channel), history_key(channel)]
+    return HISTORY_SCRIPT, HISTORY_SCRIPT_SHA, keys, ["after", after, limit]
+
+
+def publish_call(prepared: Prepared) -> tuple[bytes, str, list[str], list[Any]]:
+    """The (script, sha, keys, args) of a publish."""
+    return PUBLISH_SCRIPT, PUBLISH_SCRIPT_SHA, prepared.keys, prepared.args
+
+
+P = TypeVar("P", bound=PublisherBase)
+
+
+class BackgroundBase(Generic[P]):
+    """The queue, counters and non-blocking helpers of BackgroundPublisher and
+    AsyncBackgroundPublisher; they add the draining (a thread or a task)."""
+
+    def __init__(
+        self, publisher: P, capacity: int, guard: contextlib.AbstractContextManager[Any]
+    ) -> None:
+        self._publisher = publisher
+        self._capacity = max(1, capacity)
+        # The lock of the counters and queue: the thread's condition; none for a task.
+        self._guard = guard
+        self._queue: deque[Prepared] = deque()
+        self._pending = 0
+        self._closed = False
+        self.published = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def _enqueue(self, prepared: Prepared) -> str | None:
+        """Queues ``prepared``, or returns why it was not (closed, queue full)."""
+        raise NotImplementedError
+
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        event: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> bool:
+        """Enqueues a publish; False if it was dropped. Never raises, never blocks."""
+        try:
+            prepared = self._publisher._settings.prepare(channel, data, event, idempotency_key)
+        except Exception as e:
+            self._drop(f"{type(e).__name__}: {e}", channel)
+            return False
+        reason = self._enqueue(prepared)
+        if reason is not None:
+            self._drop(reason, channel)
+            return False
+        return True
+
+    def job_progress(
+        self, job_id: object, pct: float | None = None, message: str | None = None, **extra: Any
+    ) -> bool:
+        return self.publish(*progress_message(job_id, pct, message, extra))
+
+    def job_completed(
+        self, job_id: object, status: JobStatus = "succeeded", result: Any = None
+    ) -> bool:
+        try:
+            msg = completion_message(job_id, status, result)
+        except Exception as e:
+            self._drop(str(e), job_channel(job_id))
+            return False
+        return self.publish(*msg)
+
+    def user_event(self, user: object, event: str, data: Any) -> bool:
+        return self.publish(user_channel(user), data, event)
+
+    @property
+    def pending(self) -> int:
+        """Messages queued or being published."""
+        with self._guard:
+            return self._pending
+
+    def _drop(self, reason: str, channel: str) -> None:
+        with self._guard:
+            self.dropped += 1
+            n = self.dropped
+        if n % 1000 == 1:
+            log.warning(
+                "background publish to %s dropped (%s); dropped so far: %d", channel, reason, n
+            )
+
+    def _failed(self, item: Prepared, e: Exception) -> None:
+        with self._guard:
+            self.failed += 1
+            n = self.failed
+        if n % 1000 == 1:
+            log.warning(
+                "background publish to %s failed; message dropped: %s; failed so far: %d",
+                item.channel,
+                e,
+                n,
+            )

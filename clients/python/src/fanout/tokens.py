@@ -68,7 +68,8 @@ def _key(secret_or_key: str | bytes, algorithm: str) -> str | bytes:
 def _encode(
     secret_or_key: str | bytes,
     claims: dict[str, Any],
-    *,
+    # The public functions' common parameters, in their order, so that they pass them
+    # through positionally.
     ttl: float,
     algorithm: str,
     audience: str | None,
@@ -126,16 +127,7 @@ def connection_token(
         names = list(channels)
         if names:
             claims["channels"] = names
-    return _encode(
-        secret_or_key,
-        claims,
-        ttl=ttl,
-        algorithm=algorithm,
-        audience=audience,
-        issuer=issuer,
-        kid=kid,
-        extra=extra,
-    )
+    return _encode(secret_or_key, claims, ttl, algorithm, audience, issuer, kid, extra)
 
 
 def subscription_token(
@@ -153,13 +145,5 @@ def subscription_token(
     its ``subscribe`` frame); it cannot open a connection."""
     if not isinstance(channel, str) or not channel:
         raise TokenError("channel is required for a subscription token")
-    return _encode(
-        secret_or_key,
-        {"sub": _user(user), "channel": channel},
-        ttl=ttl,
-        algorithm=algorithm,
-        audience=audience,
-        issuer=issuer,
-        kid=kid,
-        extra=extra,
-    )
+    claims = {"sub": _user(user), "channel": channel}
+    return _encode(secret_or_key, claims, ttl, algorithm, audience, issuer, kid, extra)

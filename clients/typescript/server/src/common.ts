@@ -94,6 +94,47 @@ export function retryPolicy(r: RetryOptions | undefined): Required<RetryOptions>
   return { deadline: r?.deadline ?? 10_000, initialBackoff: r?.initialBackoff ?? 20, maxBackoff: r?.maxBackoff ?? 1000 };
 }
 
+/** What the retry loop asks of a transport. */
+export interface Attempts<T> {
+  /** One attempt, given the ms it may take; rejects with why it failed. */
+  attempt(limit: number): Promise<T>;
+  /** Throws when resending cannot help; else the wait before the next attempt (held against the deadline). */
+  next(error: unknown, attempts: number, backoff: number): number;
+  /** The wait actually slept (default: `wait`). */
+  jitter?(wait: number): number;
+  /** The error thrown when the deadline leaves no room for another attempt. */
+  gaveUp(error: unknown, attempts: number, elapsed: number): FanoutServerError;
+}
+
+/**
+ * Resends one publish (always under the same idempotency `key`) until it succeeds, fails
+ * for good, or the policy's deadline passes; the backoff doubles up to `maxBackoff`.
+ */
+export async function retrying<T>(policy: Required<RetryOptions>, attemptTimeout: number, key: string, a: Attempts<T>): Promise<T> {
+  const started = Date.now();
+  const deadline = started + policy.deadline;
+  let backoff = policy.initialBackoff;
+  for (let attempts = 1; ; attempts++) {
+    const limit = Math.max(1, Math.min(attemptTimeout, deadline - Date.now()));
+    let error: unknown;
+    try {
+      return await a.attempt(limit);
+    } catch (e) {
+      error = e;
+    }
+    const wait = a.next(error, attempts, backoff);
+    if (policy.deadline <= 0 || Date.now() + wait >= deadline) {
+      const e = a.gaveUp(error, attempts, Date.now() - started);
+      e.gaveUp = true;
+      e.attempts = attempts;
+      e.idempotencyKey = key;
+      throw e;
+    }
+    await sleep(a.jitter ? a.jitter(wait) : wait);
+    backoff = Math.min(backoff * 2, policy.maxBackoff);
+  }
+}
+
 export interface PublishOptions {
   /** The event name subscribers see (`message.event`). */
   event?: string;
@@ -130,4 +171,37 @@ export interface Publisher {
   jobProgress(jobId: string | number, progress?: JobProgress, opts?: PublishOptions): Promise<PublishAck>;
   jobCompleted(jobId: string | number, status: JobStatus, result?: unknown, opts?: PublishOptions): Promise<PublishAck>;
   userEvent(user: string | number, event: string, data: unknown, opts?: Omit<PublishOptions, "event">): Promise<PublishAck>;
+}
+
+/** What every publish checks before anything is sent: the event, the key (a fresh one by default) and the data's JSON. */
+export function preparePublish(data: unknown, opts: PublishOptions): { key: string; json: string } {
+  checkEvent(opts.event);
+  const key = opts.idempotencyKey ?? newIdempotencyKey();
+  checkKey(key);
+  return { key, json: encodeData(data) };
+}
+
+/** `fields` as a JSON object with `"data":<json>` last, `json` spliced in as is (not parsed and re-encoded). */
+export function withData(fields: Record<string, unknown>, json: string): string {
+  return `${JSON.stringify(fields).slice(0, -1)},"data":${json}}`;
+}
+
+/** The job and user helpers, the same over either transport: each is one `publish`. */
+export abstract class PublisherBase implements Publisher {
+  abstract publish(channel: string, data: unknown, opts?: PublishOptions): Promise<PublishAck>;
+
+  /** `{"status":"running", pct, message, …}` as event `progress` on `job_progress:<jobId>`. */
+  jobProgress(jobId: string | number, progress: JobProgress = {}, opts: PublishOptions = {}): Promise<PublishAck> {
+    return this.publish(`job_progress:${jobId}`, progressData(progress), { event: "progress", ...opts });
+  }
+
+  /** `{"status", "result"}` as event `completed` on `job_progress:<jobId>`: the job's terminal message. */
+  jobCompleted(jobId: string | number, status: JobStatus, result?: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
+    return this.publish(`job_progress:${jobId}`, completionData(status, result), { event: "completed", ...opts });
+  }
+
+  /** `data` as `event` on `user:<user>`. */
+  userEvent(user: string | number, event: string, data: unknown, opts: Omit<PublishOptions, "event"> = {}): Promise<PublishAck> {
+    return this.publish(`user:${user}`, data, { ...opts, event });
+  }
 }

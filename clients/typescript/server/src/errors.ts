@@ -1,6 +1,8 @@
 /**
  * The edge's error codes (docs/protocol.md, "Error codes"), plus what this package
  * reports itself: `timeout` (no answer in time) and `unreachable` (no connection).
+ * @fanout/client's `ErrorCode` lists the same protocol codes on purpose: neither package
+ * depends on the other (the browser SDK has no dependencies; this one needs no browser code).
  */
 export type FanoutErrorCode =
   | "bad_request"

@@ -1,18 +1,4 @@
-import {
-  checkEvent,
-  checkKey,
-  completionData,
-  encodeData,
-  newIdempotencyKey,
-  progressData,
-  retryPolicy,
-  sleep,
-  type JobProgress,
-  type JobStatus,
-  type Publisher,
-  type PublishOptions,
-  type RetryOptions,
-} from "./common.js";
+import { preparePublish, PublisherBase, retrying, retryPolicy, withData, type PublishOptions, type RetryOptions } from "./common.js";
 import { FanoutServerError, type BroadcastAck, type PublishAck } from "./errors.js";
 
 export interface HttpPublisherOptions {
@@ -49,7 +35,7 @@ const STATUS_CODES: Record<number, string> = {
  * backoff until the deadline, and the publish is applied at most once. 400, 401, 403,
  * 404, 413 and 500 are thrown at once.
  */
-export class HttpPublisher implements Publisher {
+export class HttpPublisher extends PublisherBase {
   readonly url: string;
   private readonly adminToken: string;
   private readonly timeout: number;
@@ -58,6 +44,7 @@ export class HttpPublisher implements Publisher {
   private readonly hostPort: string;
 
   constructor(opts: HttpPublisherOptions) {
+    super();
     let u: URL;
     try {
       u = new URL(opts?.url);
@@ -84,7 +71,7 @@ export class HttpPublisher implements Publisher {
   }
 
   /** Publishes `data` on `channel`; resolves with where it landed. */
-  async publish(channel: string, data: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
+  override async publish(channel: string, data: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
     const { body, key } = this.body({ channel }, data, opts);
     return (await this.send("/api/publish", body, key)).body as PublishAck;
   }
@@ -101,68 +88,41 @@ export class HttpPublisher implements Publisher {
     return (await this.send("/api/broadcast", body, key)).body as BroadcastAck;
   }
 
-  /** `{"status":"running", pct, message, …}` as event `progress` on `job_progress:<jobId>`. */
-  jobProgress(jobId: string | number, progress: JobProgress = {}, opts: PublishOptions = {}): Promise<PublishAck> {
-    return this.publish(`job_progress:${jobId}`, progressData(progress), { event: "progress", ...opts });
-  }
-
-  /** `{"status", "result"}` as event `completed` on `job_progress:<jobId>`: the job's terminal message. */
-  jobCompleted(jobId: string | number, status: JobStatus, result?: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
-    return this.publish(`job_progress:${jobId}`, completionData(status, result), { event: "completed", ...opts });
-  }
-
-  /** `data` as `event` on `user:<user>`. */
-  userEvent(user: string | number, event: string, data: unknown, opts: Omit<PublishOptions, "event"> = {}): Promise<PublishAck> {
-    return this.publish(`user:${user}`, data, { ...opts, event });
-  }
-
   private body(head: Record<string, unknown>, data: unknown, opts: PublishOptions): { body: string; key: string } {
-    checkEvent(opts.event);
-    const key = opts.idempotencyKey ?? newIdempotencyKey();
-    checkKey(key);
-    const json = encodeData(data);
+    const { key, json } = preparePublish(data, opts);
     const fields = { ...head, ...(opts.event ? { event: opts.event } : {}), idempotency_key: key };
-    return { body: `${JSON.stringify(fields).slice(0, -1)},"data":${json}}`, key };
+    return { body: withData(fields, json), key };
   }
 
-  private async send(path: string, body: string, key: string): Promise<{ status: number; body: unknown }> {
-    const started = Date.now();
-    const deadline = started + this.retry.deadline;
-    let backoff = this.retry.initialBackoff;
-    let attempts = 0;
-    for (;;) {
-      attempts++;
-      const limit = Math.max(1, Math.min(this.timeout, deadline - Date.now()));
-      let error: FanoutServerError;
-      let wait = 0;
-      try {
+  private send(path: string, body: string, key: string): Promise<{ status: number; body: unknown }> {
+    let retryAfter = 0;
+    return retrying(this.retry, this.timeout, key, {
+      attempt: async (limit) => {
+        retryAfter = 0;
         const r = await this.attempt(path, body, key, limit);
         if (r.ok) return r;
-        error = r.error;
-        wait = r.retryAfter;
-      } catch (e) {
-        error = e as FanoutServerError;
-      }
-      error.attempts = attempts;
-      error.idempotencyKey = key;
-      if (!error.retryable) throw error;
-      const pause = Math.max(wait, Math.random() * backoff);
-      if (this.retry.deadline <= 0 || Date.now() + pause >= deadline) {
-        const e = new FanoutServerError(
+        retryAfter = r.retryAfter;
+        throw r.error;
+      },
+      next: (e, attempts, backoff) => {
+        const error = e as FanoutServerError;
+        error.attempts = attempts;
+        error.idempotencyKey = key;
+        if (!error.retryable) throw error;
+        return Math.max(retryAfter, Math.random() * backoff); // full jitter
+      },
+      gaveUp: (e, attempts, elapsed) => {
+        const error = e as FanoutServerError;
+        const gaveUp = new FanoutServerError(
           error.code,
-          `${error.message} — gave up after ${attempts} attempt(s) in ${Date.now() - started} ms (retry deadline ${this.retry.deadline} ms); ` +
+          `${error.message} — gave up after ${attempts} attempt(s) in ${elapsed} ms (retry deadline ${this.retry.deadline} ms); ` +
             `the publish may or may not have been applied: resend it with idempotencyKey "${key}" to find out without publishing twice`,
           { status: error.status, retryable: true, cause: error },
         );
-        e.gaveUp = true;
-        e.attempts = attempts;
-        e.idempotencyKey = key;
-        if (error.results) e.results = error.results;
-        throw e;
-      }
-      await sleep(pause);
-      backoff = Math.min(backoff * 2, this.retry.maxBackoff);
-    }
+        if (error.results) gaveUp.results = error.results;
+        return gaveUp;
+      },
+    });
   }
 
   private async attempt(

@@ -2,19 +2,14 @@ import { createHash } from "node:crypto";
 import { Redis, Cluster, type RedisOptions, type ClusterOptions } from "ioredis";
 import {
   checkChannel,
-  checkEvent,
-  checkKey,
-  completionData,
-  encodeData,
   newEpoch,
-  newIdempotencyKey,
-  progressData,
+  preparePublish,
+  PublisherBase,
+  retrying,
   retryPolicy,
   sleep,
   TERMINAL_STATUSES,
-  type JobProgress,
-  type JobStatus,
-  type Publisher,
+  withData,
   type PublishOptions,
   type RetryOptions,
 } from "./common.js";
@@ -78,7 +73,7 @@ const BUILTIN_HISTORY: Record<string, HistoryPolicy> = {
  * and idempotency as the edge and the Rust publisher. One idempotency key per publish,
  * resent through failovers, so a publish is applied at most once.
  */
-export class RedisPublisher implements Publisher {
+export class RedisPublisher extends PublisherBase {
   /** The ioredis client (a `Cluster` for `redis-cluster://`). */
   readonly client: Redis | Cluster;
   readonly target: RedisTarget;
@@ -92,6 +87,7 @@ export class RedisPublisher implements Publisher {
   private lastError: unknown;
 
   private constructor(client: Redis | Cluster, target: RedisTarget, opts: RedisPublisherOptions) {
+    super();
     this.client = client;
     this.target = target;
     this.sharded = target.kind === "cluster";
@@ -193,17 +189,14 @@ export class RedisPublisher implements Publisher {
   }
 
   /** Publishes `data` on `channel`; resolves with where it landed. */
-  async publish(channel: string, data: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
+  override async publish(channel: string, data: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
     checkChannel(channel);
-    checkEvent(opts.event);
-    const key = opts.idempotencyKey ?? newIdempotencyKey();
-    checkKey(key);
-    const json = encodeData(data);
+    const { key, json } = preparePublish(data, opts);
     const policy = this.historyFor(channel.slice(0, channel.indexOf(":")));
     // Made once: every resend carries the same body (and ts), epoch and key.
     const head: Record<string, unknown> = { fanout: 1, ts: Date.now() };
     if (opts.event) head.event = opts.event;
-    const body = `${JSON.stringify(head).slice(0, -1)},"data":${json}}`;
+    const body = withData(head, json);
     const keys = [`fanout:{${channel}}:meta`, `fanout:{${channel}}:history`, `fanout:{${channel}}:dedup`];
     const args = [
       channel,
@@ -220,55 +213,26 @@ export class RedisPublisher implements Publisher {
     return this.run(channel, keys, args, key);
   }
 
-  /** `{"status":"running", pct, message, …}` as event `progress` on `job_progress:<jobId>`. */
-  jobProgress(jobId: string | number, progress: JobProgress = {}, opts: PublishOptions = {}): Promise<PublishAck> {
-    return this.publish(`job_progress:${jobId}`, progressData(progress), { event: "progress", ...opts });
-  }
-
-  /** `{"status", "result"}` as event `completed` on `job_progress:<jobId>`: the job's terminal message. */
-  jobCompleted(jobId: string | number, status: JobStatus, result?: unknown, opts: PublishOptions = {}): Promise<PublishAck> {
-    return this.publish(`job_progress:${jobId}`, completionData(status, result), { event: "completed", ...opts });
-  }
-
-  /** `data` as `event` on `user:<user>`. */
-  userEvent(user: string | number, event: string, data: unknown, opts: Omit<PublishOptions, "event"> = {}): Promise<PublishAck> {
-    return this.publish(`user:${user}`, data, { ...opts, event });
-  }
-
-  private async run(channel: string, keys: string[], args: string[], key: string): Promise<PublishAck> {
-    const started = Date.now();
-    const deadline = started + this.retry.deadline;
-    let backoff = this.retry.initialBackoff;
-    let attempts = 0;
-    for (;;) {
-      attempts++;
-      const limit = Math.max(1, Math.min(this.retry.attemptTimeout, deadline - Date.now()));
-      let error: unknown;
-      try {
-        return parseAck(await withTimeout(this.evalScript(keys, args), limit, this.target));
-      } catch (e) {
-        error = e;
-      }
-      if (!isTransientRedisError(error)) {
-        if (error instanceof FanoutServerError) throw error;
-        throw new FanoutServerError("internal", `redis (${describeHosts(this.target)}): ${(error as Error).message}`, { cause: error });
-      }
-      if (this.retry.deadline <= 0 || Date.now() + backoff >= deadline) {
-        const e = new FanoutServerError(
+  private run(channel: string, keys: string[], args: string[], key: string): Promise<PublishAck> {
+    return retrying(this.retry, this.retry.attemptTimeout, key, {
+      attempt: async (limit) => parseAck(await withTimeout(this.evalScript(keys, args), limit, this.target)),
+      next: (error, _attempts, backoff) => {
+        if (!isTransientRedisError(error)) {
+          if (error instanceof FanoutServerError) throw error;
+          throw new FanoutServerError("internal", `redis (${describeHosts(this.target)}): ${(error as Error).message}`, { cause: error });
+        }
+        return backoff;
+      },
+      jitter: (wait) => wait * (0.75 + Math.random() * 0.5),
+      gaveUp: (error, attempts, elapsed) =>
+        new FanoutServerError(
           "unavailable",
-          `publish on ${channel} not acknowledged by Redis at ${describeHosts(this.target)} after ${attempts} attempt(s) in ${Date.now() - started} ms ` +
+          `publish on ${channel} not acknowledged by Redis at ${describeHosts(this.target)} after ${attempts} attempt(s) in ${elapsed} ms ` +
             `(retry deadline); it may or may not have been applied — resend it with idempotencyKey "${key}" to find out without publishing twice; ` +
             `last error: ${(error as Error)?.message ?? error}`,
           { retryable: true, cause: error },
-        );
-        e.gaveUp = true;
-        e.attempts = attempts;
-        e.idempotencyKey = key;
-        throw e;
-      }
-      await sleep(backoff * (0.75 + Math.random() * 0.5));
-      backoff = Math.min(backoff * 2, this.retry.maxBackoff);
-    }
+        ),
+    });
   }
 
   /** One attempt: EVALSHA, or EVAL when Redis does not have the script (NOSCRIPT). */

@@ -1,50 +1,37 @@
 /**
  * Test support: real redis-servers (single and a 3 + 3 cluster) and real fanout-edge
  * processes on ports chosen at run time (never 6379), and a WebSocket subscriber.
- * `stopAll()` stops every process started here.
+ * `stopAll()` stops every process started here. What the client package's tests need
+ * too (ports, polling, processes, redis-server, the edge process) is theirs, imported.
  */
-import { spawn, execFile, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, Socket } from "node:net";
-import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { execFile } from "node:child_process";
+import { createServer } from "node:net";
 import { promisify } from "node:util";
 import { WebSocket } from "ws";
+import { EdgeProcess, freePort, startRedis, until, type RedisProc } from "../../../client/test/support/processes.js";
 
-const repo = resolve(fileURLToPath(new URL(".", import.meta.url)), "../../../../..");
-export const REPO = repo;
-export const EDGE_BIN = process.env.FANOUT_EDGE_BIN || join(repo, "target/debug/fanout-edge");
-export const REDIS_BIN = process.env.REDIS_SERVER_BIN || "/usr/bin/redis-server";
+export {
+  EDGE_BIN,
+  REDIS_BIN,
+  REPO,
+  freePort,
+  kill,
+  sleep,
+  startRedis,
+  stopAll,
+  tempDir,
+  until,
+  type RedisProc,
+} from "../../../client/test/support/processes.js";
 export const REDIS_CLI = process.env.REDIS_CLI_BIN || "/usr/bin/redis-cli";
 export const SECRET = "server-test-secret-0123456789abcdef";
 export const ADMIN = "server-test-admin-0123456789";
-
-const live = new Set<ChildProcess>();
-const dirs: string[] = [];
-
-export function tempDir(): string {
-  const d = mkdtempSync(join(tmpdir(), "fanout-server-ts-"));
-  dirs.push(d);
-  return d;
-}
 
 function bindable(port: number): Promise<boolean> {
   return new Promise((ok) => {
     const s = createServer();
     s.once("error", () => ok(false));
     s.listen(port, "127.0.0.1", () => s.close(() => ok(true)));
-  });
-}
-
-export async function freePort(): Promise<number> {
-  return new Promise((ok, fail) => {
-    const s = createServer();
-    s.on("error", fail);
-    s.listen(0, "127.0.0.1", () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => ok(port));
-    });
   });
 }
 
@@ -60,70 +47,8 @@ async function freeClusterPort(taken: Set<number>): Promise<number> {
   }
 }
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-export async function until<T>(f: () => T | Promise<T>, ms = 5000, what = "condition"): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(25);
-  }
-}
-
-export async function kill(p: ChildProcess | undefined, signal: NodeJS.Signals = "SIGTERM"): Promise<void> {
-  if (!p) return;
-  if (p.exitCode !== null || p.signalCode !== null) return void live.delete(p);
-  const gone = new Promise<void>((r) => p.once("exit", () => r()));
-  p.kill(signal);
-  const t = setTimeout(() => p.kill("SIGKILL"), 5000);
-  await gone;
-  clearTimeout(t);
-  live.delete(p);
-}
-
-export async function stopAll(): Promise<void> {
-  await Promise.all([...live].map((p) => kill(p, "SIGKILL")));
-  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
-}
-
-function ping(port: number): Promise<boolean> {
-  return new Promise((ok) => {
-    const s = new Socket();
-    s.once("error", () => ok(false));
-    s.connect(port, "127.0.0.1", () => {
-      s.write("PING\r\n");
-      s.once("data", (d) => {
-        s.destroy();
-        ok(String(d).startsWith("+PONG"));
-      });
-    });
-  });
-}
-
 export const execCli = async (port: number, ...args: string[]): Promise<string> =>
   (await promisify(execFile)(REDIS_CLI, ["-h", "127.0.0.1", "-p", String(port), ...args])).stdout;
-
-export interface RedisProc {
-  port: number;
-  url: string;
-  proc: ChildProcess;
-}
-
-/** A redis-server without persistence on a free port (never 6379). */
-export async function startRedis(extra: string[] = [], port?: number): Promise<RedisProc> {
-  port ??= await freePort();
-  const dir = tempDir();
-  const proc = spawn(REDIS_BIN, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, ...extra], {
-    stdio: "ignore",
-  });
-  live.add(proc);
-  await until(() => ping(port!), 10_000, `redis-server on ${port}`);
-  return { port, url: `redis://127.0.0.1:${port}`, proc };
-}
 
 /** Redis Cluster: 3 primaries + 3 replicas, every slot covered. */
 export async function startCluster(): Promise<{ nodes: RedisProc[]; url: string }> {
@@ -159,19 +84,16 @@ export async function startCluster(): Promise<{ nodes: RedisProc[]; url: string 
   return { nodes, url: `redis-cluster://${ports.map((p) => `127.0.0.1:${p}`).join(",")}` };
 }
 
-export class Edge {
-  proc!: ChildProcess;
-  log = "";
+export class Edge extends EdgeProcess {
   constructor(
-    readonly port: number,
+    port: number,
     readonly args: string[],
-  ) {}
+  ) {
+    super(port);
+  }
 
   get ws(): string {
     return `ws://127.0.0.1:${this.port}/ws`;
-  }
-  get http(): string {
-    return `http://127.0.0.1:${this.port}`;
   }
 
   /** Starts an edge; `args` beyond --listen (defaults: the test secret and admin token). */
@@ -183,33 +105,12 @@ export class Edge {
     return e;
   }
 
-  async spawn(): Promise<void> {
-    const args = ["--listen", `127.0.0.1:${this.port}`, "--drain-secs", "0", "--node-id", `edge-${this.port}`, ...this.args];
-    const env: NodeJS.ProcessEnv = { ...process.env, FANOUT_LOG: "warn" };
-    for (const k of Object.keys(env)) if (k.startsWith("FANOUT_") && k !== "FANOUT_LOG") delete env[k];
-    this.proc = spawn(EDGE_BIN, args, { stdio: ["ignore", "pipe", "pipe"], env });
-    live.add(this.proc);
-    this.proc.stdout!.on("data", (d) => (this.log += d));
-    this.proc.stderr!.on("data", (d) => (this.log += d));
-    const proc = this.proc;
-    await until(
-      async () => {
-        if (proc.exitCode !== null) throw new Error(`fanout-edge exited (${proc.exitCode}):\n${this.log}`);
-        try {
-          const r = await fetch(`${this.http}/readyz`, { headers: { connection: "close" } });
-          await r.text();
-          return r.status === 200;
-        } catch {
-          return false;
-        }
-      },
-      10_000,
-      "fanout-edge to be ready",
-    );
+  protected flags(): string[] {
+    return this.args;
   }
 
-  async stop(signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
-    await kill(this.proc, signal);
+  override async stop(signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+    await super.stop(signal);
   }
 }
 
