@@ -52,10 +52,15 @@ def token(user: str) -> str:
 @app.post("/jobs")
 async def start_job(request: Request, user: str) -> JSONResponse:
     """Queues a job over the posted CSV (one step per row after the header)."""
-    body = await request.body()
-    if len(body) > MAX_CSV_BYTES:
-        raise HTTPException(413, f"a CSV is at most {MAX_CSV_BYTES} bytes")
-    job_id = secrets.token_hex(4)
+    too_large = HTTPException(413, f"a CSV is at most {MAX_CSV_BYTES} bytes")
+    if int(request.headers.get("content-length") or 0) > MAX_CSV_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_CSV_BYTES:
+            raise too_large
+    job_id = secrets.token_hex(8)
     rows = jobs.rows_of(body.decode("utf-8", errors="replace"))
     jobs.enqueue(queue, {"id": job_id, "user": user, "rows": rows})
     return JSONResponse({"id": job_id, "rows": len(rows)})

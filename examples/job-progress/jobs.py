@@ -1,9 +1,11 @@
 """The job queue the backend and the worker share: a Redis list, made reliable.
 
 A worker moves a job from ``jobs:queue`` to ``jobs:processing`` as it takes it
-(``BLMOVE``), records the rows it finished in ``job:<id>:done``, and removes the job
-from ``jobs:processing`` only when it is complete. A worker that dies mid-job leaves
-the job there; the next one to start resumes it from the row after the last one done.
+(``BLMOVE``) and holds a lease on it (``job:<id>:lease``, renewed as it works). It
+records the rows it finished in ``job:<id>:done`` and removes the job from
+``jobs:processing`` only when it is complete. A worker that dies mid-job stops renewing
+its lease; once the lease expires, any worker takes the job over and resumes it from the
+row after the last one done. Two live workers never work on one job.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ import redis
 QUEUE = "jobs:queue"
 PROCESSING = "jobs:processing"
 MAX_ROWS = 1000
+#: How long a job stays with a worker that stopped renewing its lease.
+LEASE_MS = 3000
+
+# Renew a lease only if this worker still holds it.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return false
+"""
 
 
 class Job(TypedDict):
@@ -34,19 +46,35 @@ def enqueue(r: redis.Redis, job: Job) -> None:
     r.lpush(QUEUE, json.dumps(job))
 
 
-def take(r: redis.Redis, timeout: int) -> tuple[str, Job] | None:
-    """The next job, moved to the processing list; ``None`` after ``timeout`` seconds.
+def _lease(job_id: str) -> str:
+    return f"job:{job_id}:lease"
 
-    The job comes with its entry as stored, which ``finish`` removes.
-    """
+
+def take(r: redis.Redis, worker: str, timeout: int) -> tuple[str, Job] | None:
+    """The next job, moved to the processing list and leased to ``worker``; ``None``
+    after ``timeout`` seconds. The job comes with its entry as stored, for ``finish``."""
     raw: Any = r.blmove(QUEUE, PROCESSING, timeout, "RIGHT", "LEFT")
-    return None if raw is None else (raw.decode(), json.loads(raw))
+    if raw is None:
+        return None
+    job: Job = json.loads(raw)
+    r.set(_lease(job["id"]), worker, px=LEASE_MS)
+    return raw.decode(), job
 
 
-def unfinished(r: redis.Redis) -> list[tuple[str, Job]]:
-    """Jobs a worker took and did not finish (it died), oldest first."""
+def take_abandoned(r: redis.Redis, worker: str) -> list[tuple[str, Job]]:
+    """Jobs whose worker died (their lease expired), now leased to ``worker``, oldest first."""
     raws: Any = r.lrange(PROCESSING, 0, -1)
-    return [(raw.decode(), json.loads(raw)) for raw in reversed(raws)]
+    taken = []
+    for raw in reversed(raws):
+        job: Job = json.loads(raw)
+        if r.set(_lease(job["id"]), worker, px=LEASE_MS, nx=True):
+            taken.append((raw.decode(), job))
+    return taken
+
+
+def renew(r: redis.Redis, job_id: str, worker: str) -> bool:
+    """Extends ``worker``'s lease on the job; ``False`` if it lost it (it must stop)."""
+    return bool(r.eval(_RENEW, 1, _lease(job_id), worker, str(LEASE_MS)))
 
 
 def done(r: redis.Redis, job_id: str) -> int:
@@ -59,5 +87,6 @@ def mark_done(r: redis.Redis, job_id: str, rows: int) -> None:
     r.set(f"job:{job_id}:done", rows, ex=86400)
 
 
-def finish(r: redis.Redis, raw: str) -> None:
+def finish(r: redis.Redis, raw: str, job_id: str) -> None:
     r.lrem(PROCESSING, 1, raw)
+    r.delete(_lease(job_id))

@@ -27,13 +27,28 @@ if [ ! -x "$VENV/bin/uvicorn" ]; then
   "$VENV/bin/pip" install --quiet "$ROOT/clients/python" -r "$HERE/requirements.txt"
 fi
 
-started_cluster=""
+started_cluster="" worker="" backend=""
+stop() {
+  local rc=$?
+  # Cleanup runs to the end, whatever else arrives (a second Ctrl-C included).
+  trap - EXIT
+  trap "" INT TERM
+  set +e
+  [ -n "$backend" ] && kill "$backend" 2>/dev/null
+  [ -n "$worker" ] && kill "$worker" 2>/dev/null
+  wait 2>/dev/null
+  [ -n "$started_cluster" ] && "$ROOT/scripts/local-cluster.sh" stop
+  exit "$rc"
+}
+trap stop EXIT
+trap 'exit 130' INT TERM
+
 if [ -z "${FANOUT_REDIS_URL:-}" ]; then
   export FANOUT_CLUSTER_DIR=${FANOUT_CLUSTER_DIR:-$ROOT/.tmp/example-cluster}
+  started_cluster=1
   # The demo page also has a chat room: its namespaces.
   FANOUT_CONFIG=${FANOUT_CONFIG:-$ROOT/clients/typescript/demo/fanout.toml} \
     "$ROOT/scripts/local-cluster.sh" start --detach
-  started_cluster=1
   # shellcheck disable=SC1091
   . "$FANOUT_CLUSTER_DIR/cluster.env"
   export FANOUT_REDIS_URL FANOUT_JWT_SECRET
@@ -42,17 +57,11 @@ fi
 : "${FANOUT_JWT_SECRET:?set FANOUT_JWT_SECRET to the secret of the edge}"
 : "${FANOUT_WS_URL:?set FANOUT_WS_URL to the WebSocket URL of the edge, ws://host:port/ws}"
 
-worker=""
-stop() {
-  trap - EXIT INT TERM
-  [ -n "$worker" ] && kill "$worker" 2>/dev/null && wait "$worker" 2>/dev/null
-  [ -n "$started_cluster" ] && "$ROOT/scripts/local-cluster.sh" stop
-  exit 0
-}
-trap stop EXIT INT TERM
-
 cd "$HERE"
 "$VENV/bin/python" worker.py &
 worker=$!
-echo "job-progress example: http://127.0.0.1:$PORT/?user=alice (edge $FANOUT_WS_URL)"
-"$VENV/bin/uvicorn" app:app --host 127.0.0.1 --port "$PORT" --log-level warning
+"$VENV/bin/uvicorn" app:app --host 127.0.0.1 --port "$PORT" --log-level warning &
+backend=$!
+echo "job-progress example: http://127.0.0.1:$PORT/?user=alice (edge $FANOUT_WS_URL); Ctrl-C stops it"
+# Whichever stops first (a crash, a port in use) stops the rest, with its exit code.
+wait -n "$worker" "$backend"

@@ -95,31 +95,47 @@ it("upload → the bar runs to 100 % → completed", async () => {
   await page.screenshot({ path: path.join(artifactsDir(), "example-upload.png") });
 });
 
-it("the worker killed mid-job and restarted: the page shows the resumed progress, nothing lost or repeated", async () => {
+it("the worker killed -9 mid-job and restarted: the page shows the resumed progress, nothing lost or repeated", async () => {
   const page = await open("bob");
   const rows = 80;
   const id = await upload(page, rows, "big.csv");
   const seen = record(id);
   const bar = page.getByTestId(`job-${id}`);
   const pct = async () => Number(await bar.getAttribute("data-pct"));
-  await waitUntil("the job a third done", async () => (await pct()) >= 30, 30_000);
+  await waitUntil("the job under way", async () => (await pct()) >= 20, 30_000);
   example.killWorker();
-  // While no worker runs, the bar stays where it was.
-  await new Promise((r) => setTimeout(r, 1000));
+  // With no worker, the bar stops where the last published row put it.
+  await new Promise((r) => setTimeout(r, 1500));
   const stalled = await pct();
-  expect(stalled).toBeGreaterThanOrEqual(30);
-  expect(stalled).toBeLessThan(100);
-  await new Promise((r) => setTimeout(r, 500));
+  await new Promise((r) => setTimeout(r, 1000));
   expect(await pct()).toBe(stalled);
+  expect(stalled).toBeLessThan(100);
   await page.screenshot({ path: path.join(artifactsDir(), "example-worker-killed.png") });
 
+  // A new worker takes the job over once the dead one's lease expires (3 s).
   await example.startWorker();
   await bar.and(page.locator("[data-status=succeeded][data-completed=true]")).waitFor({ timeout: 30_000 });
   await waitUntil("the observer saw the completion", () => seen.completed());
-  // Every row's progress once, in order: the restarted worker resumed after the last
-  // row it had recorded, and a row published but not recorded was sent again under the
-  // same idempotency key — a duplicate nobody receives.
   expect(seen.rows).toEqual(range(rows));
   expect(seen.resets()).toBe(0);
+  expect(example.workerLog()).toContain(`job ${id}: resuming after row`);
   await page.screenshot({ path: path.join(artifactsDir(), "example-resumed.png") });
+});
+
+it("the worker dies right after publishing a row, before recording it: the row is published again under its key, and nobody receives it twice", async () => {
+  const page = await open("carol");
+  const rows = 40;
+  const dieAfter = 17;
+  await example.startWorker({ EXAMPLE_DIE_AFTER_ROW: String(dieAfter) });
+  const id = await upload(page, rows, "crash.csv");
+  const seen = record(id);
+  expect(await example.workerExit()).toBe(3);
+  await waitUntil(`row ${dieAfter} arrived`, () => seen.rows.includes(dieAfter));
+  await example.startWorker();
+  await page.getByTestId(`job-${id}`).and(page.locator("[data-status=succeeded][data-completed=true]")).waitFor({ timeout: 30_000 });
+  await waitUntil("the observer saw the completion", () => seen.completed());
+  // The resumed worker published row 17 again: the key made it a duplicate.
+  expect(example.workerLog()).toContain(`job ${id}: resuming after row ${dieAfter - 1} of ${rows}`);
+  expect(example.workerLog()).toMatch(/already applied/);
+  expect(seen.rows).toEqual(range(rows));
 });

@@ -68,20 +68,24 @@ export async function startCluster(drainSecs = 1, config?: string, redisClusterR
   }
   const ports = await Promise.all([0, 1, 2, 3, 4].map(() => freePort()));
   const args = redisClusterReplicas === undefined ? ["start", "--detach"] : ["start", "--cluster", "--detach"];
-  execFileSync(path.join(ROOT, "scripts/local-cluster.sh"), args, {
-    env: {
-      ...(redisClusterReplicas === undefined ? {} : { FANOUT_REDIS_REPLICAS: String(redisClusterReplicas) }),
-      ...process.env,
-      FANOUT_CLUSTER_DIR: dir,
-      FANOUT_BIN_DIR: binDir,
-      FANOUT_DRAIN_SECS: String(drainSecs),
-      FANOUT_EDGE_PORTS: `${ports[0]} ${ports[1]} ${ports[2]}`,
-      FANOUT_LB_PORT: String(ports[3]),
-      FANOUT_LB_STATS_PORT: String(ports[4]),
-      ...(config ? { FANOUT_CONFIG: config } : {}),
-    },
-    stdio: ["ignore", "ignore", "inherit"],
-  });
+  const env = {
+    ...process.env,
+    ...(redisClusterReplicas === undefined ? {} : { FANOUT_REDIS_REPLICAS: String(redisClusterReplicas) }),
+    FANOUT_CLUSTER_DIR: dir,
+    FANOUT_BIN_DIR: binDir,
+    FANOUT_DRAIN_SECS: String(drainSecs),
+    FANOUT_EDGE_PORTS: `${ports[0]} ${ports[1]} ${ports[2]}`,
+    FANOUT_LB_PORT: String(ports[3]),
+    FANOUT_LB_STATS_PORT: String(ports[4]),
+    ...(config ? { FANOUT_CONFIG: config } : {}),
+  };
+  try {
+    execFileSync(path.join(ROOT, "scripts/local-cluster.sh"), args, { env, stdio: ["ignore", "ignore", "inherit"] });
+  } catch (e) {
+    // Stop whatever did start: a failed start must not leave processes behind.
+    stopCluster({ dir } as Cluster);
+    throw e;
+  }
   const e = settings(path.join(dir, "cluster.env"));
   return {
     dir,
@@ -278,10 +282,14 @@ export const PYTHON = process.env.FANOUT_PYTHON ?? path.join(ROOT, ".tmp/venv-py
 
 export interface Example {
   origin: string;
-  /** Starts the worker (again); resolves once it takes jobs. */
-  startWorker(): Promise<void>;
+  /** Starts the worker (again, with `env` added; one running is killed first); resolves once it takes jobs. */
+  startWorker(env?: Record<string, string>): Promise<void>;
   /** `kill -9` of the worker. */
   killWorker(): void;
+  /** Resolves with the worker's exit code when it exits. */
+  workerExit(): Promise<number | null>;
+  /** What the worker logged (stderr) since it was last started. */
+  workerLog(): string;
   stop(): void;
 }
 
@@ -307,11 +315,15 @@ export async function startExample(c: Cluster, rowSeconds = 0.05): Promise<Examp
     stdio: ["ignore", "ignore", "inherit"],
   });
   let worker: ReturnType<typeof spawn> | null = null;
-  const startWorker = () =>
+  let log = "";
+  let exited: Promise<number | null> = Promise.resolve(null);
+  const startWorker = (extra: Record<string, string> = {}) =>
     new Promise<void>((resolve, reject) => {
-      const w = spawn(PYTHON, ["worker.py"], { cwd: dir, env, stdio: ["ignore", "ignore", "pipe"] });
+      worker?.kill("SIGKILL");
+      const w = spawn(PYTHON, ["worker.py"], { cwd: dir, env: { ...env, ...extra }, stdio: ["ignore", "ignore", "pipe"] });
       worker = w;
-      let log = "";
+      log = "";
+      exited = new Promise((r) => w.on("exit", (code) => r(code)));
       w.stderr!.on("data", (d: Buffer) => {
         log += d.toString();
         if (process.env.E2E_DEBUG) process.stderr.write(d);
@@ -319,15 +331,23 @@ export async function startExample(c: Cluster, rowSeconds = 0.05): Promise<Examp
       });
       w.on("exit", (code, signal) => reject(new Error(`worker exited (${code ?? signal}) before ready: ${log}`)));
     });
-  await waitUntil("the example backend", () => reachable(port));
-  await startWorker();
+  const stop = () => {
+    worker?.kill("SIGKILL");
+    backend.kill("SIGKILL");
+  };
+  try {
+    await waitUntil("the example backend", () => reachable(port));
+    await startWorker();
+  } catch (e) {
+    stop();
+    throw e;
+  }
   return {
     origin: `http://127.0.0.1:${port}`,
     startWorker,
     killWorker: () => worker?.kill("SIGKILL"),
-    stop: () => {
-      worker?.kill("SIGKILL");
-      backend.kill("SIGKILL");
-    },
+    workerExit: () => exited,
+    workerLog: () => log,
+    stop,
   };
 }

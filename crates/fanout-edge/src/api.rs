@@ -142,8 +142,16 @@ fn idempotency_key(
     body: Option<String>,
 ) -> Result<Option<String>, ApiError> {
     let max = fanout_publisher::MAX_IDEMPOTENCY_KEY_LEN;
-    crate::commands::request_key(header.as_ref(), body, max)
-        .map_err(|r| ApiError::new(r.code, r.message))
+    let key = crate::commands::request_key(header.as_ref(), body, max)
+        .map_err(|r| ApiError::new(r.code, r.message))?;
+    // Client keys are recorded as `c:<user tag>:<key>`: a server key never takes that form.
+    match key {
+        Some(k) if k.starts_with(crate::commands::CLIENT_KEY_PREFIX) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "idempotency keys starting with `c:` are reserved for client publishes",
+        )),
+        k => Ok(k),
+    }
 }
 
 async fn publish_one(

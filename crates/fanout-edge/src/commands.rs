@@ -83,8 +83,11 @@ pub(crate) fn client_key(user: &str, key: &str) -> String {
     let tag = user.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
-    format!("c:{tag:016x}:{key}")
+    format!("{CLIENT_KEY_PREFIX}{tag:016x}:{key}")
 }
+
+/// What every client key starts with once scoped; refused on server publishes.
+pub(crate) const CLIENT_KEY_PREFIX: &str = "c:";
 
 /// A client's `publish`: what to publish and under which key (`None`: a fresh one).
 pub(crate) struct Publish<'a> {

@@ -589,6 +589,15 @@ async fn client_publishes_with_one_key_are_applied_once() {
                 .await;
         assert_eq!(status, 400, "{name}: {text}");
         assert!(text.contains("bad_request"), "{name}: {text}");
+        // A server key of the client form is refused: it could answer a client's publish.
+        let body =
+            json!({"channel": "room:1", "data": {}, "idempotency_key": "c:0123456789abcdef:k1"});
+        let (status, text) = api_publish_body(&node, &body.to_string()).await;
+        assert_eq!(status, 400, "{name}: {text}");
+        assert!(
+            text.contains("reserved for client publishes"),
+            "{name}: {text}"
+        );
         u1.send(publish(6, 3, &"k".repeat(64))).await;
         assert_eq!(u1.recv().await["offset"], 3, "{name}");
         assert_eq!(reader.recv_type("message").await["data"]["n"], 3, "{name}");

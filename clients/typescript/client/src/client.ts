@@ -50,6 +50,10 @@ interface Queued {
   frame: Frame;
   /** Send order: a publish put back after a lost connection goes before later ones. */
   seq: number;
+  /** The `connect()` it belongs to: one left over from before a `close()` is not resent. */
+  session: number;
+  /** Failed sends while the connection stayed up (an event stream's HTTP command). */
+  tries: number;
   res: (r: PublishResult) => void;
   rej: (e: FanoutError) => void;
 }
@@ -58,6 +62,8 @@ interface Queued {
 const TRANSIENT = ["unavailable", "rate_limited", "internal"];
 /** Time given to a connection to show it is alive after a pause (a hidden tab, a frozen page, going online). */
 const PROBE_MS = 5000;
+/** Sends of one publish that may fail while the connection stays up, before it rejects. */
+const MAX_TRIES = 6;
 
 const hasWindow = () => typeof window !== "undefined" && typeof window.addEventListener === "function";
 const hasDocument = () => typeof document !== "undefined" && typeof document.addEventListener === "function";
@@ -92,6 +98,10 @@ export class Fanout {
   private readonly pending = new Map<number, Pending>();
   private queue: Queued[] = [];
   private publishSeq = 0;
+  /** Bumped by every close for good. */
+  private session = 0;
+  /** An event-stream publish is in flight (they go one at a time, to land in order). */
+  private posting = false;
   private resendTimer: ReturnType<typeof setTimeout> | undefined;
   private pingMs = 25_000;
   private lastSeen = 0;
@@ -170,12 +180,15 @@ export class Fanout {
     const frame: Frame = { type: "publish", channel, data, idempotency_key: opts.idempotencyKey ?? newKey() };
     if (opts.event !== undefined) frame.event = opts.event;
     return new Promise((res, rej) => {
-      const q: Queued = { frame, seq: this.publishSeq++, res, rej };
-      if (this.st === "connected") this.sendPublish(q);
-      else if (this.st === "closed") rej(new FanoutError("closed", "the client is closed"));
+      const q: Queued = { frame, seq: this.publishSeq++, session: this.session, tries: 0, res, rej };
+      if (this.st === "closed") rej(new FanoutError("closed", "the client is closed"));
+      else if (this.st === "connected" && this.kind === "websocket") this.sendPublish(q);
       else if (this.queue.length >= this.maxQueued)
-        rej(new FanoutError("queue_full", `${this.maxQueued} publishes already wait for a connection`));
-      else this.queue.push(q);
+        rej(new FanoutError("queue_full", `${this.maxQueued} publishes already wait to be sent`));
+      else {
+        this.queue.push(q);
+        this.flush();
+      }
     });
   }
 
@@ -347,6 +360,7 @@ export class Fanout {
     clearTimeout(this.streamTimer);
     clearTimeout(this.resendTimer);
     this.resendTimer = undefined;
+    this.session++;
     this.listen(false);
     for (const q of this.queue) q.rej(err);
     this.queue = [];
@@ -504,10 +518,17 @@ export class Fanout {
     frame.id = id;
     return new Promise<Frame>((res, rej) => {
       const p: Pending = { kind, sub, res, rej };
+      const expire = () => {
+        this.pending.delete(id);
+        rej(new FanoutError("timeout", `no answer to ${kind} within ${this.timeout} ms`));
+      };
       if (!sub) {
         p.timer = setTimeout(() => {
-          this.pending.delete(id);
-          rej(new FanoutError("timeout", `no answer to ${kind} within ${this.timeout} ms`));
+          if (kind !== "publish" || this.st !== "connected") return expire();
+          // Silence may be a dead connection: find out first, so that a publish lost
+          // with it is resent (the probe's failure drops it as `disconnected`).
+          this.probe();
+          p.timer = setTimeout(expire, PROBE_MS + 1000);
         }, this.timeout);
       }
       this.pending.set(id, p);
@@ -522,14 +543,19 @@ export class Fanout {
 
   private sendPublish(q: Queued): void {
     const { channel, data, event, idempotency_key } = q.frame;
-    const p =
-      this.kind === "websocket"
-        ? this.request({ ...q.frame }, "publish")
-        : this.http<Frame>("/client/publish", { channel, data, idempotency_key, ...(event === undefined ? {} : { event }) });
+    const sse = this.kind === "sse";
+    if (sse) this.posting = true;
+    const p = sse
+      ? this.http<Frame>("/client/publish", { channel, data, idempotency_key, ...(event === undefined ? {} : { event }) })
+      : this.request({ ...q.frame }, "publish");
     p.then(
       (f) => q.res(f.duplicate ? { offset: f.offset, epoch: f.epoch, duplicate: true } : { offset: f.offset, epoch: f.epoch }),
       (e: FanoutError) => this.unanswered(q, e),
-    );
+    ).finally(() => {
+      if (!sse) return;
+      this.posting = false;
+      this.flush();
+    });
   }
 
   /**
@@ -538,21 +564,37 @@ export class Fanout {
    * key; anything else (a refusal, a timeout, a close for good) rejects.
    */
   private unanswered(q: Queued, e: FanoutError): void {
+    if (q.session !== this.session) return q.rej(new FanoutError("closed", "the client was closed"));
     if (e.code !== "disconnected" || !this.want) return q.rej(e);
-    const at = this.queue.findIndex((o) => o.seq > q.seq);
-    this.queue.splice(at < 0 ? this.queue.length : at, 0, q);
-    // Still connected (an event stream's HTTP command failed on its own): try again soon.
-    if (this.st === "connected" && this.resendTimer === undefined)
+    if (this.st === "connected") {
+      // The connection stayed up (an event stream's HTTP command failed on its own):
+      // maybe it is dead too; resend later, a bounded number of times.
+      this.probe();
+      if (++q.tries >= MAX_TRIES) return q.rej(e);
+      clearTimeout(this.resendTimer);
       this.resendTimer = setTimeout(() => {
         this.resendTimer = undefined;
-        if (this.st === "connected") this.flush();
-      }, backoff(0, this.minDelay, this.maxDelay) + this.minDelay);
+        this.flush();
+      }, backoff(q.tries, this.minDelay, this.maxDelay) + this.minDelay);
+    }
+    const at = this.queue.findIndex((o) => o.seq > q.seq);
+    this.queue.splice(at < 0 ? this.queue.length : at, 0, q);
   }
 
+  /**
+   * Sends what waits, once connected: over a WebSocket all of it (the connection keeps
+   * the order); over an event stream one at a time, each after the answer to the last.
+   */
   private flush(): void {
-    const q = this.queue;
-    this.queue = [];
-    for (const item of q) this.sendPublish(item);
+    if (this.st !== "connected" || this.resendTimer !== undefined) return;
+    if (this.kind === "websocket") {
+      const q = this.queue;
+      this.queue = [];
+      for (const item of q) this.sendPublish(item);
+    } else if (!this.posting) {
+      const next = this.queue.shift();
+      if (next) this.sendPublish(next);
+    }
   }
 
   /** An HTTP command of the event-stream transport; a 401 gets one new token and one more try. */

@@ -159,6 +159,21 @@ describe("requests", () => {
     ]);
   });
 
+  it("unanswered on a connection gone silent: the probe finds it dead and the publish is resent, not timed out", async () => {
+    const c = await connected({ timeout: 300, minReconnectDelay: 10, maxReconnectDelay: 50 });
+    const sent = c.publish("chat:x", 1);
+    await until(() => fake.last.frames.some((f) => f.type === "publish"));
+    // The node hangs: nothing more comes back on this connection, pings included.
+    fake.last.silent = true;
+    fake.onFrame = (conn, f) => {
+      if (f.type === "publish") conn.send({ type: "reply", id: f.id, offset: 4, epoch: "E" });
+    };
+    expect(await sent).toEqual({ offset: 4, epoch: "E" });
+    expect(fake.conns.length).toBe(2);
+    const [first, again] = fake.conns.map((x) => x.frames.find((f) => f.type === "publish"));
+    expect(again.idempotency_key).toBe(first.idempotency_key);
+  }, 15_000);
+
   it("lost with the connection and then closed for good, reject with `closed`", async () => {
     const c = await connected({ minReconnectDelay: 5000, maxReconnectDelay: 10_000 });
     const sent = c.publish("chat:x", 1).catch((e) => e);

@@ -68,6 +68,30 @@ describe("event-stream transport against fanout-edge", () => {
     expect(rec.offsets).toEqual([1, 2]);
   });
 
+  it("publishes one at a time, in order, through failed sends; gives up after a few while connected", async () => {
+    const edge = await Edge.start();
+    let failNext = 2;
+    let down = false;
+    // Sends that never reach the edge: the first two, then every one while `down`.
+    const flaky: typeof fetch = async (input, init) => {
+      if (String(input).endsWith("/client/publish") && (down || failNext-- > 0)) throw new TypeError("network error");
+      return fetch(input, init);
+    };
+    const c = client({ url: edge.url, token: mint("s10"), transports: ["sse"], fetch: flaky, minReconnectDelay: 20, maxReconnectDelay: 40 });
+    const rec = new Recorder();
+    const sub = c.subscribe("chat:order", rec.handlers);
+    c.connect();
+    await until(() => sub.state === "subscribed");
+    const results = await Promise.all(["a", "b", "c"].map((x) => c.publish("chat:order", x)));
+    expect(results.map((r) => r.offset)).toEqual([1, 2, 3]);
+    await until(() => rec.messages.length === 3);
+    expect(rec.data).toEqual(["a", "b", "c"]);
+    down = true;
+    const err = await c.publish("chat:order", "never").catch((e) => e);
+    expect(err.code).toBe("disconnected");
+    expect(c.state).toBe("connected");
+  });
+
   it("reopens the stream when the channel set changes, resuming every channel without loss or duplicate", async () => {
     const edge = await Edge.start();
     const c = client({ url: edge.url, token: mint("s2", 3600, { channels: ["job_progress:*"] }), transports: ["sse"] });
