@@ -23,8 +23,6 @@ use serde_json::json;
 use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 
-use crate::{sse, Transport};
-
 pub type Ws = FragmentCollector<TokioIo<Upgraded>>;
 
 /// Microseconds since the Unix epoch (the clock publishers stamp `sent_us` with).
@@ -162,40 +160,6 @@ impl Target {
         let (mut ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream).await?;
         ws.set_auto_close(auto_close);
         Ok(FragmentCollector::new(ws))
-    }
-}
-
-/// A client connected and subscribed over one transport or the other.
-pub enum Subscribed {
-    Ws(Ws),
-    Sse(sse::Stream),
-}
-
-/// Connects client `i` with `token` over `transport` and subscribes it to `channel`.
-pub async fn open(
-    target: &Target,
-    transport: Transport,
-    i: usize,
-    token: &str,
-    channel: &str,
-) -> anyhow::Result<Subscribed> {
-    Ok(match transport {
-        Transport::Ws => {
-            let mut ws = target.connect(i, token).await?;
-            subscribe(&mut ws, channel).await?;
-            Subscribed::Ws(ws)
-        }
-        Transport::Sse => Subscribed::Sse(sse::open(target, i, token, channel).await?),
-    })
-}
-
-impl Subscribed {
-    /// Receives until `stop`; see [`receive`].
-    pub async fn receive(self, i: usize, shared: Arc<Shared>, stop: CancellationToken) -> Seen {
-        match self {
-            Subscribed::Ws(ws) => receive(ws, i, shared, stop).await,
-            Subscribed::Sse(stream) => stream.receive(i, shared, stop).await,
-        }
     }
 }
 

@@ -30,6 +30,7 @@ mod report;
 mod scenario;
 mod sse;
 mod storm;
+mod transport;
 
 use std::path::PathBuf;
 use std::time::Duration;

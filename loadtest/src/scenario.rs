@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::{self, now_us, Seen, Shared, Target};
 use crate::publish::{message, Sink};
 use crate::report::{Report, Sample};
-use crate::{Common, PublishOpts, Transport};
+use crate::{transport, Common, PublishOpts, Transport};
 
 pub type Run = Pin<Box<dyn Future<Output = anyhow::Result<Report>> + Send>>;
 
@@ -70,7 +70,7 @@ async fn connect_all(
             let permit = gate.acquire_owned().await.expect("semaphore open");
             let opened = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                client::open(&target, transport, i, &token, &plan.channel),
+                transport::open(&target, transport, i, &token, &plan.channel),
             )
             .await
             .unwrap_or_else(|_| Err(anyhow!("no subscription within {CONNECT_TIMEOUT:?}")));

@@ -176,7 +176,7 @@ async fn publish_one(
     }
     let ack = shared
         .broker
-        .publish_with_key(channel, event, data, history, key)
+        .publish(channel, event, data, history, key)
         .await?;
     if ack.duplicate {
         return Ok(

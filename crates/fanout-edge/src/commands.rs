@@ -131,7 +131,7 @@ pub(crate) async fn publish(
     }
     let published = shared
         .broker
-        .publish_with_key(
+        .publish(
             request.channel,
             request.event,
             request.data,

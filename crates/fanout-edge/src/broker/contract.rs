@@ -190,7 +190,7 @@ async fn publish_with(
     history: HistoryPolicy,
 ) -> PublishAck {
     broker
-        .publish(channel, None, &body(step), history)
+        .publish(channel, None, &body(step), history, None)
         .await
         .unwrap_or_else(|e| panic!("publish {step:?} on {channel}: {e}"))
 }
@@ -246,7 +246,13 @@ async fn delivers_each_publish_once_until_unsubscribed(broker: &dyn Broker, sink
     let c = "deliver:a";
     subscribe(broker, &[c]).await;
     let ack = broker
-        .publish(c, Some("greeting"), &body("one"), HistoryPolicy::default())
+        .publish(
+            c,
+            Some("greeting"),
+            &body("one"),
+            HistoryPolicy::default(),
+            None,
+        )
         .await
         .expect("publish");
     publish(broker, c, "two").await;
@@ -362,15 +368,15 @@ async fn an_idempotency_key_publishes_once(broker: &dyn Broker, sink: &Recorder)
     let policy = HistoryPolicy::default();
     subscribe(broker, &[c]).await;
     let first = broker
-        .publish_with_key(c, None, &body("first"), policy, Some("key-1"))
+        .publish(c, None, &body("first"), policy, Some("key-1"))
         .await
         .expect("publish");
     let again = broker
-        .publish_with_key(c, None, &body("again"), policy, Some("key-1"))
+        .publish(c, None, &body("again"), policy, Some("key-1"))
         .await
         .expect("publish");
     let other = broker
-        .publish_with_key(c, None, &body("other"), policy, Some("key-2"))
+        .publish(c, None, &body("other"), policy, Some("key-2"))
         .await
         .expect("publish");
     assert!(!first.duplicate);
@@ -394,7 +400,7 @@ async fn an_idempotency_key_publishes_once(broker: &dyn Broker, sink: &Recorder)
     );
     // The same key on another channel is a new publish.
     let elsewhere = broker
-        .publish_with_key("dedup:b", None, &body("b"), policy, Some("key-1"))
+        .publish("dedup:b", None, &body("b"), policy, Some("key-1"))
         .await
         .expect("publish");
     assert_eq!((elsewhere.offset, elsewhere.duplicate), (1, false));
@@ -437,7 +443,7 @@ async fn history_reads_after_and_last(broker: &dyn Broker, _sink: &Recorder) {
     let mut epoch = String::new();
     for s in ["1", "2", "3", "4", "5"] {
         let ack = broker
-            .publish(c, Some("e"), &body(s), HistoryPolicy::default())
+            .publish(c, Some("e"), &body(s), HistoryPolicy::default(), None)
             .await
             .expect("publish");
         epoch = ack.epoch;
@@ -722,7 +728,7 @@ async fn presence_set_remove_expire_and_prune(broker: &dyn Broker, _sink: &Recor
 async fn publish_refuses_bad_channels_and_keys(broker: &dyn Broker, _sink: &Recorder) {
     let policy = HistoryPolicy::default();
     for bad in ["", "no-namespace", "space:a b", CONTROL_CHANNEL] {
-        let refused = broker.publish(bad, None, &body("x"), policy).await;
+        let refused = broker.publish(bad, None, &body("x"), policy, None).await;
         assert!(
             matches!(refused, Err(BrokerError::Invalid(_))),
             "channel {bad:?}: {refused:?}"
@@ -730,9 +736,7 @@ async fn publish_refuses_bad_channels_and_keys(broker: &dyn Broker, _sink: &Reco
     }
     let c = "refuse:a";
     for bad in ["", "has space"] {
-        let refused = broker
-            .publish_with_key(c, None, &body("x"), policy, Some(bad))
-            .await;
+        let refused = broker.publish(c, None, &body("x"), policy, Some(bad)).await;
         assert!(
             matches!(refused, Err(BrokerError::Invalid(_))),
             "key {bad:?}: {refused:?}"

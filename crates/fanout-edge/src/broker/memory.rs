@@ -105,7 +105,7 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    async fn publish_with_key(
+    async fn publish(
         &self,
         channel: &str,
         event: Option<&str>,

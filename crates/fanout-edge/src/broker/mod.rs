@@ -47,22 +47,11 @@ pub trait Broker: Send + Sync + 'static {
     async fn subscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
     async fn unsubscribe(&self, channels: &[Arc<str>]) -> Result<(), BrokerError>;
     /// Publishes with history: the message gets the channel's next offset. Resent
-    /// through transient broker failures under one fresh idempotency key, so it is
-    /// applied at most once.
+    /// through transient broker failures under one idempotency key — the caller's, or a
+    /// fresh one — so it is applied at most once. A key already applied on `channel`
+    /// within the dedup window is not published again: the answer is the first
+    /// publish's offset and epoch, with `duplicate` set.
     async fn publish(
-        &self,
-        channel: &str,
-        event: Option<&str>,
-        data: &RawValue,
-        history: HistoryPolicy,
-    ) -> Result<PublishAck, BrokerError> {
-        self.publish_with_key(channel, event, data, history, None)
-            .await
-    }
-    /// [`Broker::publish`] with the caller's idempotency key (`None`: a fresh one): a
-    /// key already applied on `channel` within the dedup window is not published again;
-    /// the answer is the first publish's offset and epoch, with `duplicate` set.
-    async fn publish_with_key(
         &self,
         channel: &str,
         event: Option<&str>,

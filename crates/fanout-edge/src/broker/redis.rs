@@ -468,7 +468,7 @@ impl Broker for RedisBroker {
         self.subscriber.unsubscribe(keys).await.map_err(unavailable)
     }
 
-    async fn publish_with_key(
+    async fn publish(
         &self,
         channel: &str,
         event: Option<&str>,
