@@ -53,9 +53,10 @@ def wait_until(what: str, check: Any, within: float = 20.0, every: float = 0.05)
         time.sleep(every)
 
 
-def redis_cli(port: int, *args: str) -> str:
+def redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    auth = ["--no-auth-warning", "-a", password] if password is not None else []
     out = subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
+        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *auth, *args],
         capture_output=True,
         timeout=10,
         check=True,
@@ -82,10 +83,11 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 class RedisServer:
-    def __init__(self, *args: str, port: int | None = None) -> None:
+    def __init__(self, *args: str, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="fanout-py-redis-")
-        self.args = list(args)
+        self.password = password
+        self.args = list(args) + (["--requirepass", password] if password is not None else [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -124,7 +126,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def cli(self, *args: str) -> str:
-        return redis_cli(self.port, *args)
+        return redis_cli(self.port, *args, password=self.password)
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -90,3 +90,48 @@ async def test_async_background(redis_server: RedisServer) -> None:
     assert await bg.close(1)
     assert bg.publish("user:1", 1) is False
     await p.close()
+
+
+async def test_configuration_errors_fail_fast(redis_server: RedisServer) -> None:
+    secured = RedisServer(password="right-pw")
+    try:
+        for url, match in (
+            (f"redis-cluster://127.0.0.1:{redis_server.port}", "Cluster mode is not enabled"),
+            (f"redis://:wrong@127.0.0.1:{secured.port}", "invalid username-password pair"),
+            (f"redis-cluster://:wrong@127.0.0.1:{secured.port}", "invalid username-password"),
+        ):
+            p = AsyncPublisher.from_url(url)
+            started = time.monotonic()
+            with pytest.raises(fanout.PublishError, match=match) as e:
+                await p.publish("user:1", 1)
+            assert not isinstance(e.value, fanout.GaveUpError), e.value
+            assert time.monotonic() - started < 1.5, url
+            await p.close()
+    finally:
+        secured.stop()
+
+
+async def test_background_close_propagates_the_callers_cancellation() -> None:
+    p = AsyncPublisher.from_url("redis://127.0.0.1:1")
+    bg = p.background()
+    cancelled_run = asyncio.Event()
+
+    async def slow_run(item: object) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled_run.set()
+            await asyncio.sleep(0.5)  # a publish that takes a while to stop
+            raise
+
+    p._run = slow_run  # type: ignore[method-assign,assignment]
+    assert bg.publish("user:1", 1)
+    await asyncio.sleep(0.05)
+    closing = asyncio.get_running_loop().create_task(bg.close(timeout=0.1))
+    await cancelled_run.wait()  # close timed out, cancelled the task and awaits it
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert closing.cancelled()
+    assert (bg.failed, bg.pending, bg.published) == (1, 0, 0)
+    await p.close()

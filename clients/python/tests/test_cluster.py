@@ -55,6 +55,15 @@ async def test_publish_through_redis_cluster_url(cluster: RedisCluster, cluster_
     await c.close()
 
 
+def test_caller_options_that_the_url_also_sets(cluster: RedisCluster) -> None:
+    # username/password/ssl come from the URL too: the caller's replace them (this raised
+    # "got multiple values for keyword argument" before).
+    with Publisher.from_url(cluster.url, username=None, password=None, ssl=False) as p:
+        assert p.publish("user:62", 1).offset == 1
+        kw = p.client().nodes_manager.connection_kwargs
+        assert (kw["password"], kw["socket_timeout"]) == (None, 2.0)
+
+
 async def test_1000_progress_events_through_a_cluster_failover_exactly_once(
     cluster: RedisCluster, cluster_edge: Edge
 ) -> None:

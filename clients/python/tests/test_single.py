@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -203,3 +204,59 @@ def test_closed_publisher() -> None:
     p.close()
     with pytest.raises(fanout.FanoutError, match="closed"):
         p.publish("user:1", 1)
+
+
+# ----- configuration errors fail at once (not retried until the deadline) -----
+
+
+@pytest.fixture
+def password_server() -> Iterator[RedisServer]:
+    r = RedisServer(password="right-pw")
+    yield r
+    r.stop()
+
+
+def _fails_fast(p: Publisher, match: str) -> fanout.PublishError:
+    started = time.monotonic()
+    with pytest.raises(fanout.PublishError, match=match) as e:
+        p.publish("user:1", {"a": 1})
+    elapsed = time.monotonic() - started
+    p.close()
+    assert not isinstance(e.value, fanout.GaveUpError), e.value
+    assert elapsed < 1.5, f"{elapsed:.1f} s: retried instead of failing at once"
+    return e.value
+
+
+def test_a_cluster_url_at_a_plain_server_fails_fast(redis_server: RedisServer) -> None:
+    url = f"redis-cluster://127.0.0.1:{redis_server.port}"
+    e = _fails_fast(Publisher.from_url(url), "Cluster mode is not enabled")
+    assert f"127.0.0.1:{redis_server.port}" in str(e) and "redis://" in str(e)
+
+
+def test_a_wrong_password_fails_fast(password_server: RedisServer) -> None:
+    port = password_server.port
+    for url in (f"redis://:wrong@127.0.0.1:{port}", f"redis-cluster://:wrong@127.0.0.1:{port}"):
+        e = _fails_fast(Publisher.from_url(url), "invalid username-password pair")
+        assert "check the user and password" in str(e)
+    # No password: the server refuses the first command (EVALSHA) unauthenticated.
+    e = _fails_fast(Publisher.from_url(f"redis://127.0.0.1:{port}"), "unauthenticated|NOAUTH")
+    assert "check the user and password" in str(e)
+
+
+def test_caller_password_overrides_the_urls(password_server: RedisServer) -> None:
+    url = f"redis://:wrong@127.0.0.1:{password_server.port}"
+    with Publisher.from_url(url, password="right-pw") as p:
+        assert p.publish("user:1", 1).offset == 1
+
+
+def test_from_client_without_socket_timeout_warns(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="fanout"):
+        Publisher.from_client(redis.Redis(port=redis_server.port, socket_timeout=1)).close()
+        assert not caplog.records
+        p = Publisher.from_client(redis.Redis(port=redis_server.port))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "no socket_timeout" in caplog.records[0].getMessage()
+    assert p.publish("user:1", 1).offset == 1  # a warning, not a refusal
+    p.close()

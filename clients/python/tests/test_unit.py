@@ -152,6 +152,171 @@ def test_transient_errors() -> None:
     assert not _core.is_transient(rx.AuthenticationError("NOAUTH"))
 
 
+def _raised_from(outer: BaseException, inner: BaseException) -> BaseException:
+    """``outer`` raised while handling ``inner``, as redis-py wraps errors."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer  # noqa: B904 - the implicit __context__ is the point
+    except BaseException as e:
+        return e
+
+
+def test_permanent_errors_are_not_transient_even_when_wrapped() -> None:
+    import errno
+    import ssl
+
+    import redis.exceptions as rx
+
+    # Kept transient: connection refused/reset/lost, timeouts, cluster transitions.
+    assert _core.is_transient(ConnectionRefusedError(errno.ECONNREFUSED, "refused"))
+    assert _core.is_transient(ConnectionResetError(errno.ECONNRESET, "reset"))
+    assert _core.is_transient(OSError(errno.EHOSTUNREACH, "No route to host"))
+    assert _core.is_transient(TimeoutError())
+    assert _core.is_transient(rx.ConnectionError("Connection lost"))
+    assert _core.is_transient(rx.ConnectionError("Connection closed by server."))
+    assert _core.is_transient(rx.ClusterDownError("The cluster is down"))
+    assert _core.is_transient(rx.MovedError("3999 127.0.0.1:6381"))
+    assert _core.is_transient(rx.AskError("3999 127.0.0.1:6381"))
+    assert _core.is_transient(rx.TryAgainError())
+    assert _core.is_transient(rx.BusyLoadingError("Redis is loading the dataset in memory"))
+    assert _core.is_transient(rx.SlotNotCoveredError("slot 5 is not covered"))
+    assert _core.is_transient(
+        _raised_from(
+            rx.RedisClusterException("Redis Cluster cannot be connected: Error 111"),
+            rx.ConnectionError("Error 111 connecting to 127.0.0.1:7000. Connection refused."),
+        )
+    )
+    assert _core.is_transient(
+        _raised_from(rx.ConnectionError("Error 8 connecting"), ssl.SSLEOFError(8, "EOF"))
+    )
+    # A node answering CLUSTER SLOTS with LOADING: redis-py calls it "not enabled" too.
+    loading = _raised_from(
+        rx.RedisClusterException("Cluster mode is not enabled on this node"),
+        rx.BusyLoadingError("Redis is loading the dataset in memory"),
+    )
+    assert _core.is_transient(
+        _raised_from(rx.RedisClusterException("cannot be connected"), loading)
+    )
+
+    # Permanent, as redis-py reports them.
+    not_cluster = _raised_from(
+        rx.RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least one reachable node: "
+            "Cluster mode is not enabled on this node"
+        ),
+        _raised_from(
+            rx.RedisClusterException("Cluster mode is not enabled on this node"),
+            rx.ResponseError("This instance has cluster support disabled"),
+        ),
+    )
+    assert not _core.is_transient(not_cluster)
+    assert "redis:// for a single server" in _core.describe_failure(not_cluster)
+    bad_password = _raised_from(
+        rx.RedisClusterException("Redis Cluster cannot be connected: invalid password"),
+        rx.AuthenticationError("invalid username-password pair or user is disabled."),
+    )
+    assert not _core.is_transient(bad_password)
+    assert "AuthenticationError" in _core.describe_failure(bad_password)
+    assert not _core.is_transient(rx.AuthenticationError("Authentication required."))
+    assert not _core.is_transient(rx.AuthorizationError("no permission"))
+    assert not _core.is_transient(rx.NoPermissionError("this user has no permissions"))
+    assert not _core.is_transient(rx.ResponseError("WRONGPASS invalid username-password pair"))
+    assert not _core.is_transient(
+        _raised_from(
+            rx.ConnectionError("Error 1 connecting to 127.0.0.1:7000. certificate verify failed."),
+            ssl.SSLCertVerificationError(1, "certificate verify failed"),
+        )
+    )
+    assert not _core.is_transient(
+        _raised_from(rx.ConnectionError("Error 1 connecting"), ssl.SSLError(1, "wrong version"))
+    )
+    missing_ca = _raised_from(
+        rx.ConnectionError("Error 2 connecting to 127.0.0.1:7000. No such file or directory."),
+        FileNotFoundError(errno.ENOENT, "No such file or directory"),
+    )
+    assert not _core.is_transient(missing_ca)
+    assert not _core.is_transient(PermissionError(errno.EACCES, "Permission denied"))
+    assert not _core.is_transient(rx.RedisClusterException("No way to dispatch this command"))
+    assert not _core.is_transient(ValueError("bad option"))
+
+
+def test_caller_options_override_the_url_single() -> None:
+    import redis
+
+    p = fanout.Publisher.from_url(
+        "redis://u:from-url@127.0.0.1:1/3?socket_timeout=5", password="mine", ssl=True
+    )
+    pool = p.client().connection_pool
+    kw = pool.connection_kwargs
+    assert (kw["username"], kw["password"], kw["db"], kw["port"]) == ("u", "mine", 3, 1)
+    assert kw["socket_timeout"] == 5.0  # the URL's, over the attempt timeout
+    assert kw["socket_connect_timeout"] == 2.0  # the attempt timeout
+    assert pool.connection_class is redis.SSLConnection  # ssl=True is applied, not ignored
+    p.close()
+    q = fanout.Publisher.from_url("rediss://127.0.0.1:1", ssl=False, socket_timeout=0.5)
+    pool = q.client().connection_pool
+    assert pool.connection_class is redis.Connection
+    assert pool.connection_kwargs["socket_timeout"] == 0.5
+    q.close()
+
+
+async def test_caller_options_override_the_url_cluster() -> None:
+    # The asyncio cluster client connects on first use only, so it can be inspected;
+    # the sync one against a real cluster is in test_cluster.py.
+    p = fanout.AsyncPublisher.from_url(
+        "rediss-cluster://u:from-url@127.0.0.1:1,127.0.0.1:2",
+        password="mine",
+        ssl=False,
+        socket_timeout=0.5,
+    )
+    kw = p.client().nodes_manager.connection_kwargs
+    assert (kw["username"], kw["password"], kw["socket_timeout"]) == ("u", "mine", 0.5)
+    assert kw["connection_class"].__name__ == "Connection"
+    await p.close()
+
+
+def test_caller_options_override_the_url_sentinel() -> None:
+    p = fanout.Publisher.from_url(
+        "rediss-sentinel://u:from-url@127.0.0.1:1/mymaster/2",
+        password="mine",
+        socket_timeout=0.5,
+        ssl_cert_reqs="none",
+    )
+    client = p.client()
+    kw = client.connection_pool.connection_kwargs
+    assert (kw["username"], kw["password"], kw["db"], kw["socket_timeout"]) == (
+        "u",
+        "mine",
+        2,
+        0.5,
+    )
+    assert client.connection_pool.connection_class.__name__ == "SentinelManagedSSLConnection"
+    # The sentinels: the URL's credentials, the same timeouts and TLS settings.
+    sentinels = client.connection_pool.sentinel_manager.sentinels
+    skw = sentinels[0].connection_pool.connection_kwargs
+    assert (skw["username"], skw["password"], skw["socket_timeout"]) == ("u", "from-url", 0.5)
+    assert skw["ssl_cert_reqs"] == "none"
+    assert sentinels[0].connection_pool.connection_class.__name__ == "SSLConnection"
+    p.close()
+    # Without credentials in the URL the sentinels get none; sentinel_kwargs= wins.
+    q = fanout.Publisher.from_url(
+        "redis-sentinel://127.0.0.1:1/mymaster",
+        password="mine",
+        sentinel_kwargs={"password": "sentinel-pw"},
+    )
+    client = q.client()
+    assert client.connection_pool.connection_kwargs["password"] == "mine"
+    skw = client.connection_pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
+    assert skw["password"] == "sentinel-pw" and skw["socket_timeout"] == 2.0
+    q.close()
+    r = fanout.Publisher.from_url("redis-sentinel://127.0.0.1:1/mymaster", password="mine")
+    skw = r.client().connection_pool.sentinel_manager.sentinels[0].connection_pool
+    assert skw.connection_kwargs.get("password") is None
+    r.close()
+
+
 # ----- tokens -----
 
 

@@ -7,12 +7,15 @@ Everything here mirrors crates/fanout-publisher (lib.rs) and crates/fanout-proto
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import random
 import secrets
+import socket
+import ssl
 import string
 import time
 from collections import deque
@@ -321,50 +324,77 @@ def make_settings(
     return s
 
 
-def client_options(retry: RetryPolicy, options: Mapping[str, Any]) -> dict[str, Any]:
-    opts: dict[str, Any] = {
+def default_options(retry: RetryPolicy) -> dict[str, Any]:
+    """The socket timeouts every client made from a URL gets unless the URL's query or
+    the caller sets them."""
+    return {
         "socket_timeout": retry.attempt_timeout,
         "socket_connect_timeout": retry.attempt_timeout,
     }
-    opts.update(options)
-    return opts
 
 
-def client_factory(parsed: ParsedURL, opts: dict[str, Any], lib: ModuleType) -> Any:
+def _merged(defaults: Mapping[str, Any], *layers: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(defaults)
+    for layer in layers:
+        out.update(layer)
+    return out
+
+
+def client_factory(
+    parsed: ParsedURL, defaults: Mapping[str, Any], options: Mapping[str, Any], lib: ModuleType
+) -> Any:
     """A function making the redis-py client for ``parsed``. ``lib`` is ``redis`` or
     ``redis.asyncio`` (with its cluster and sentinel submodules imported): both expose
-    the same constructors, so only the module differs between sync and async."""
+    the same constructors, so only the module differs between sync and async.
+
+    Precedence, lowest first: ``defaults`` (the socket timeouts), what the URL says
+    (host, port, db, user, password, TLS, query options), the caller's ``options``: a
+    caller's ``password=`` or ``ssl=`` replaces the URL's, it never collides with it."""
+    caller = dict(options)
 
     def single() -> Any:
-        return lib.Redis.from_url(parsed.url, **opts)
+        # What Redis.from_url would take from the URL (host, port, db, credentials, query
+        # options), as constructor arguments so that the caller's can replace them:
+        # from_url lets the URL win, and does not turn ``ssl=True`` into TLS.
+        url_kwargs: dict[str, Any] = dict(lib.connection.parse_url(parsed.url))
+        url_kwargs.pop("connection_class", None)  # SSLConnection for rediss://
+        url_kwargs["ssl"] = parsed.tls
+        return lib.Redis(**_merged(defaults, url_kwargs, caller))
 
     def cluster() -> Any:
-        nodes = [lib.cluster.ClusterNode(h, p) for h, p in parsed.hosts]
-        return lib.cluster.RedisCluster(
-            startup_nodes=nodes,
-            username=parsed.username,
-            password=parsed.password,
-            ssl=parsed.tls,
-            **opts,
-        )
+        url_kwargs = {
+            "startup_nodes": [lib.cluster.ClusterNode(h, p) for h, p in parsed.hosts],
+            "username": parsed.username,
+            "password": parsed.password,
+            "ssl": parsed.tls,
+        }
+        return lib.cluster.RedisCluster(**_merged(defaults, url_kwargs, caller))
 
     def sentinel() -> Any:
-        s = lib.sentinel.Sentinel(
-            parsed.hosts,
-            sentinel_kwargs={
-                "socket_timeout": opts["socket_timeout"],
-                "socket_connect_timeout": opts["socket_connect_timeout"],
+        kwargs = _merged(
+            defaults,
+            {
+                "username": parsed.username,
+                "password": parsed.password,
+                "db": parsed.db,
                 "ssl": parsed.tls,
             },
-            **opts,
+            caller,
         )
-        return s.master_for(
-            parsed.service or "",
-            username=parsed.username,
-            password=parsed.password,
-            db=parsed.db,
-            ssl=parsed.tls,
-        )
+        # The sentinels: the same timeouts and TLS settings as the data nodes, and the
+        # URL's credentials when it has some (as the Rust publisher, whose client uses
+        # one set of credentials for both); the caller's sentinel_kwargs= wins.
+        to_sentinels = {
+            k: v
+            for k, v in kwargs.items()
+            if k in ("socket_timeout", "socket_connect_timeout", "ssl") or k.startswith("ssl_")
+        }
+        if parsed.password is not None:
+            to_sentinels["username"] = parsed.username
+            to_sentinels["password"] = parsed.password
+        to_sentinels.update(kwargs.pop("sentinel_kwargs", None) or {})
+        s = lib.sentinel.Sentinel(parsed.hosts, sentinel_kwargs=to_sentinels, **kwargs)
+        return s.master_for(parsed.service or "")
 
     return {"single": single, "cluster": cluster, "sentinel": sentinel}[parsed.kind]
 
@@ -395,12 +425,131 @@ _TRANSIENT_PREFIXES: Final = (
     "BUSY",
 )
 
+#: Redis error codes that no resend fixes (credentials, ACL).
+_PERMANENT_PREFIXES: Final = ("NOAUTH", "WRONGPASS", "NOPERM")
+
+#: RedisClusterException messages of redis-py that are configuration or usage errors,
+#: not a cluster in transition ("Redis Cluster cannot be connected", "All slots are not
+#: covered", "could not agree on a valid slots cache"... are transitions: retried).
+_PERMANENT_CLUSTER_MESSAGES: Final = (
+    "cluster mode is not enabled",
+    "not possible to use in cluster mode",
+    "can only be 0 in cluster mode",
+    "unix domain socket",
+    "requires at least one node",
+    "invalid args in command",
+    "no way to dispatch this command",
+    "all keys must map to the same key slot",
+    "is not implemented",
+)
+
+#: OSErrors of a network that may come back (refused, reset, unreachable, DNS...).
+_TRANSIENT_ERRNOS: Final = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "EPIPE",
+        "ETIMEDOUT",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "EADDRNOTAVAIL",
+        "EAGAIN",
+        "EINTR",
+    )
+    if hasattr(errno, name)
+)
+
+#: TLS errors that are a connection lost mid-handshake, not a handshake refused.
+_TRANSIENT_SSL_ERRORS: Final = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLSyscallError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling (redis-py wraps
+    socket, TLS and authentication errors: the cause is down the chain)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and all(cur is not seen for seen in out):
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _transient_reply(e: BaseException) -> bool:
+    """An error reply of a server in transition (redis-py strips the code of those it
+    maps to a class, so both are checked)."""
+    if isinstance(
+        e,
+        rx.BusyLoadingError
+        | rx.ClusterDownError
+        | rx.TryAgainError
+        | rx.ReadOnlyError
+        | rx.AskError,
+    ):
+        return True
+    return isinstance(e, rx.ResponseError) and str(e).split(" ", 1)[0] in _TRANSIENT_PREFIXES
+
+
+def _auth_error(e: BaseException) -> bool:
+    """Missing or wrong credentials, or an ACL refusal."""
+    if isinstance(e, rx.AuthenticationError | rx.AuthorizationError | rx.NoPermissionError):
+        return True
+    text = str(e)
+    return isinstance(e, rx.ResponseError) and (
+        text.split(" ", 1)[0] in _PERMANENT_PREFIXES
+        # What a server with a password answers a large first command sent without one.
+        or text.startswith("Protocol error: unauthenticated")
+    )
+
+
+def _permanent(e: BaseException) -> bool:
+    """Whether ``e`` itself (not its chain) is an error that no resend can fix."""
+    if _auth_error(e):
+        return True
+    if isinstance(e, ssl.SSLError):
+        # A certificate that does not verify, TLS spoken to a plain server...
+        return not isinstance(e, _TRANSIENT_SSL_ERRORS)
+    if isinstance(e, rx.RedisClusterException):
+        message = str(e).lower()
+        if "cluster mode is not enabled" in message:
+            # redis-py says so for any error reply to CLUSTER SLOTS, LOADING included.
+            reply = e.__cause__ or e.__context__
+            return reply is None or not _transient_reply(reply)
+        return any(m in message for m in _PERMANENT_CLUSTER_MESSAGES)
+    if isinstance(e, OSError) and not isinstance(
+        e, ConnectionError | TimeoutError | socket.gaierror | socket.herror
+    ):
+        # A missing or unreadable certificate file, an address the host cannot use...
+        return e.errno is not None and e.errno not in _TRANSIENT_ERRNOS
+    return False
+
+
+def permanent_cause(e: BaseException) -> BaseException | None:
+    """The error in ``e``'s chain that makes resending pointless (authentication, TLS,
+    a node that is not in cluster mode...), or None."""
+    for x in _chain(e):
+        if _permanent(x):
+            return x
+    return None
+
 
 def is_transient(e: BaseException) -> bool:
-    """Whether resending the same publish may succeed: connection loss, timeouts, cluster
-    redirections and transitions, a replica or loading server (is_transient in Rust).
-    Script errors, authentication and configuration errors are not."""
-    if isinstance(e, rx.AuthenticationError | rx.AuthorizationError):
+    """Whether resending the same publish may succeed: connection refused or lost,
+    timeouts, cluster redirections and transitions, a replica or loading server
+    (is_transient in Rust). Script errors, authentication, TLS and configuration errors
+    (e.g. a ``redis-cluster://`` URL naming a server that is not in cluster mode) are not,
+    even when redis-py reports them wrapped in a connection or cluster error."""
+    if permanent_cause(e) is not None:
         return False
     if isinstance(
         e,
@@ -415,18 +564,40 @@ def is_transient(e: BaseException) -> bool:
         | rx.AskError
         | rx.SlotNotCoveredError
         | rx.BusyLoadingError
+        | rx.RedisClusterException
         | TimeoutError
         | ConnectionError
+        | EOFError
         | OSError,
     ):
+        # OSErrors that _permanent did not single out: network errors.
         return True
-    if isinstance(e, rx.RedisClusterException):
-        # "Redis Cluster cannot be connected", "No way to dispatch this command..."
-        return True
-    if isinstance(e, rx.ResponseError):
-        first = str(e).split(" ", 1)[0]
-        return first in _TRANSIENT_PREFIXES
-    return False
+    return _transient_reply(e)
+
+
+def describe_failure(e: BaseException) -> str:
+    """``e`` for a PublishError message, with its permanent cause when redis-py wrapped
+    it, and a hint for the common configuration mistakes."""
+    text = f"{type(e).__name__}: {e}"
+    cause = permanent_cause(e)
+    if cause is None:
+        return text
+    if cause is not e and str(cause) not in str(e):
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    elif cause is not e:
+        text += f" (caused by {type(cause).__name__})"
+    if _auth_error(cause):
+        text += "; check the user and password (URL or password=/username= options)"
+    elif isinstance(cause, rx.RedisClusterException) and "cluster mode is not enabled" in (
+        str(cause).lower()
+    ):
+        text += (
+            "; a redis-cluster:// URL needs Redis Cluster nodes (cluster-enabled yes): "
+            "use redis:// for a single server"
+        )
+    elif isinstance(cause, ssl.SSLError):
+        text += "; check the TLS settings (rediss:// vs redis://, ssl_* options)"
+    return text
 
 
 def jitter(d: float) -> float:
@@ -481,7 +652,10 @@ def resend_pause(prepared: Prepared, e: Exception, backoff: Backoff, where: str)
     """Seconds to wait before resending after ``e``; raises PublishError when ``e`` is not
     transient, GaveUpError when the deadline would pass first."""
     if not is_transient(e):
-        raise PublishError(f"redis refused the publish to {prepared.channel}: {e}") from e
+        raise PublishError(
+            f"publish to {prepared.channel} failed at {where}, not retried (the error is not "
+            f"transient): {describe_failure(e)}"
+        ) from e
     pause = backoff.sleep_for()
     if pause is None:
         raise GaveUpError(
@@ -560,9 +734,9 @@ class PublisherBase:
         connected until the first publish (a worker may start before Redis). Extra
         keyword options go to the redis-py client (e.g. ``ssl_ca_certs``)."""
         parsed = parse_url(url)
-        opts = client_options(retry or RetryPolicy(), redis_options)
+        defaults = default_options(retry or RetryPolicy())
         settings = make_settings(parsed.kind == "cluster", retry, dedup, default_history, history)
-        factory = client_factory(parsed, opts, cls._redis_lib)
+        factory = client_factory(parsed, defaults, redis_options, cls._redis_lib)
         return cls(factory, where=parsed.where(), settings=settings)
 
     def with_history(

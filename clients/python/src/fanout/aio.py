@@ -136,21 +136,32 @@ class AsyncBackgroundPublisher(_core.BackgroundBase["AsyncPublisher"], _core.Asy
             return False
 
     async def close(self, timeout: float | None = 10.0) -> bool:
+        """Stops accepting messages, drains the queue for up to ``timeout`` seconds and
+        stops the task. Returns whether everything queued was handled. Does not close the
+        publisher. If the caller is cancelled meanwhile, what is still queued is dropped
+        (counted as failed), the task is stopped, and the cancellation propagates."""
         self._closed = True
         self._wake.set()
-        drained = await self.flush(timeout)
-        if not drained:
-            self.failed += len(self._queue)
-            self._pending -= len(self._queue)
-            self._queue.clear()
-            self._task.cancel()
+        drained = False
         try:
-            await self._task
-        except asyncio.CancelledError:
+            drained = await self.flush(timeout)
+        finally:
+            # Also when the caller is cancelled: stop the task before propagating it.
             if not drained:
-                self.failed += self._pending
-                self._pending = 0
-        self._idle.set()
+                self.failed += len(self._queue)
+                self._pending -= len(self._queue)
+                self._queue.clear()
+                self._task.cancel()
+            try:
+                # asyncio.wait does not raise the task's own cancellation (ours, above),
+                # only the caller's, which must propagate.
+                await asyncio.wait([self._task])
+            finally:
+                if not drained:
+                    # The message being published when the task was cancelled.
+                    self.failed += self._pending
+                    self._pending = 0
+                self._idle.set()
         return drained
 
     async def _drain(self) -> None:

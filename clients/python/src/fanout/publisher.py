@@ -44,6 +44,17 @@ def _parse_history(reply: object) -> History:
     )
 
 
+def _socket_timeout(client: object) -> tuple[bool, float | None]:
+    """(whether it could be read, the client's socket_timeout): a Redis client's pool or a
+    RedisCluster's nodes manager keeps the options every connection is made with."""
+    for owner in ("connection_pool", "nodes_manager"):
+        kwargs = getattr(getattr(client, owner, None), "connection_kwargs", None)
+        if isinstance(kwargs, dict):
+            timeout = kwargs.get("socket_timeout")
+            return True, None if timeout is None else float(timeout)
+    return False, None
+
+
 class Publisher(_core.PublisherBase, _core.Closing):
     """Publishes fanout envelopes to Redis, each exactly once through failovers.
 
@@ -64,11 +75,25 @@ class Publisher(_core.PublisherBase, _core.Closing):
     def from_client(
         cls, client: redis.Redis | redis.cluster.RedisCluster, **policies: Any
     ) -> Publisher:
-        """Wraps an existing redis-py client (cluster clients publish with SPUBLISH)."""
+        """Wraps an existing redis-py client (cluster clients publish with SPUBLISH).
+
+        The client must have a ``socket_timeout`` (e.g. the retry policy's
+        ``attempt_timeout``, 2 s by default): redis-py's blocking client has no per-call
+        timeout, so without one an attempt to a Redis that stopped answering blocks
+        indefinitely, past the retry deadline. (``from_url`` sets it; a warning is logged
+        when the client has none.)"""
         sharded = isinstance(client, redis.cluster.RedisCluster)
-        return cls(
-            lambda: client, where=repr(client), settings=_core.make_settings(sharded, **policies)
-        )
+        settings = _core.make_settings(sharded, **policies)
+        known, timeout = _socket_timeout(client)
+        if known and timeout is None:
+            log.warning(
+                "Publisher.from_client: the redis client has no socket_timeout, so a publish "
+                "to a Redis that stops answering can block past the retry deadline (%g s); "
+                "create the client with socket_timeout=%g (the attempt timeout)",
+                settings.retry.deadline,
+                settings.retry.attempt_timeout,
+            )
+        return cls(lambda: client, where=repr(client), settings=settings)
 
     def client(self) -> Any:
         """The redis-py client (made on first use)."""
