@@ -81,25 +81,30 @@ fn assert_no_loss(r: &Value, expected: u64) {
     assert_eq!(r["latency_ms"]["count"], expected, "{r}");
 }
 
+/// `broadcast`: 100 messages published through Redis to 50 clients over `transport`.
+async fn broadcast_through_redis(node: &Node, redis: &RedisServer, transport: &str) -> Value {
+    let url = redis.url();
+    let args = [
+        "broadcast",
+        "--transport",
+        transport,
+        "--redis-url",
+        &url,
+        "--clients",
+        "50",
+        "--rate",
+        "100",
+        "--duration",
+        "1",
+    ];
+    run(node, &args).await
+}
+
 #[tokio::test]
 async fn broadcast_through_redis_and_through_the_api() {
     let redis = RedisServer::start().unwrap();
     let node = edge(Some(&redis)).await;
-    let r = run(
-        &node,
-        &[
-            "broadcast",
-            "--redis-url",
-            &redis.url(),
-            "--clients",
-            "50",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-        ],
-    )
-    .await;
+    let r = broadcast_through_redis(&node, &redis, "ws").await;
     assert_eq!(r["published"], 100);
     assert_no_loss(&r, 5000);
 
@@ -212,23 +217,7 @@ async fn churn_and_idle_on_the_embedded_broker() {
 async fn broadcast_and_idle_over_event_streams() {
     let redis = RedisServer::start().unwrap();
     let node = edge(Some(&redis)).await;
-    let r = run(
-        &node,
-        &[
-            "broadcast",
-            "--transport",
-            "sse",
-            "--redis-url",
-            &redis.url(),
-            "--clients",
-            "50",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-        ],
-    )
-    .await;
+    let r = broadcast_through_redis(&node, &redis, "sse").await;
     assert_eq!(r["transport"], "sse", "{r}");
     assert_eq!(r["clients"], 50, "{r}");
     assert_eq!(r["published"], 100, "{r}");

@@ -72,11 +72,7 @@ async fn dev_mode_token_works_and_sigterm_closes_with_1001() {
         .success());
     // Closed within the 1 s drain window, then the process exits 0.
     assert_eq!(c.expect_close().await, Some(1001));
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+    common::exits_cleanly(&mut child).await;
 }
 
 #[tokio::test]

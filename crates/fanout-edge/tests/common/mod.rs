@@ -267,3 +267,12 @@ pub async fn spawn_edge(
     .await;
     (child, addr)
 }
+
+/// Waits (at most 10 s) for a spawned edge process to exit, and asserts it exited 0.
+pub async fn exits_cleanly(child: &mut tokio::process::Child) {
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .expect("the process exits within 10 s")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
