@@ -64,12 +64,7 @@ async fn dev_mode_token_works_and_sigterm_closes_with_1001() {
         json!({"hello": "world"})
     );
 
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    common::sigterm(&child);
     // Closed within the 1 s drain window, then the process exits 0.
     assert_eq!(c.expect_close().await, Some(1001));
     common::exits_cleanly(&mut child).await;

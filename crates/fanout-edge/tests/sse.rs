@@ -307,12 +307,7 @@ async fn sigterm_drains_event_streams_like_sockets() {
         .await
         .unwrap();
     ws.recv_type("connected").await;
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&child);
     let close = next_of(&mut s, "close").await.json();
     assert_eq!(close["code"], 1001, "{close}");
     assert!(s.next().await.is_none(), "the stream ended");

@@ -276,3 +276,12 @@ pub async fn exits_cleanly(child: &mut tokio::process::Child) {
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// Sends SIGTERM to a spawned edge process (what an orchestrator does to drain it).
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("the process runs").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(sent.unwrap().success(), "kill -TERM {pid}");
+}
